@@ -1,0 +1,149 @@
+"""``hermesd convert``: turn a model into a layer store, one stage at a time, atomically."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hermesd import memory
+from hermesd.errors import ConvertError
+from hermesd.manifest import Manifest, StageEntry, TiedRef
+from hermesd.safetensors_io import write_stage_file
+from hermesd.sources import GGUFSource, HFDirSource, RandomSource, Source
+from hermesd.stages import StageSpec, build_skeleton, find_stages
+from hermesd.verify import record_verified
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+# progress(stages_done, stages_total, stage_name, stage_bytes)
+ProgressFn = Callable[[int, int, str, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """Summary of a finished conversion."""
+
+    store: str
+    stages: int
+    weight_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def open_source(src: Path | None, gguf_file: str | None = None, random_config: Path | None = None,
+                seed: int = 0) -> Source:
+    """Pick the source kind from the arguments of ``hermesd convert``."""
+    if random_config is not None:
+        return RandomSource(Path(random_config), seed=seed)
+    if src is None:
+        raise ConvertError("a source directory (or --random-config) is required")
+    src = Path(src)
+    if src.is_file() and src.suffix == ".gguf":
+        return GGUFSource(src.parent, src.name)
+    if gguf_file:
+        return GGUFSource(src, gguf_file)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: no such model directory")
+    return HFDirSource(src)
+
+
+def convert(source: Source, dest: str | os.PathLike[str], dtype: str | None = None, force: bool = False,
+            progress: ProgressFn | None = None) -> ConvertReport:
+    """Write ``source`` as a store at ``dest``; nothing appears at ``dest`` unless it completes."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise ConvertError(f"{dest} already exists; pass --force to replace it")
+    target_dtype = _target_dtype(dtype, source.default_dtype)
+    started = time.perf_counter()
+    partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "stages").mkdir(parents=True)
+    try:
+        manifest = _write_store(source, partial, target_dtype, progress)
+        _replace(partial, dest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return ConvertReport(str(dest), len(manifest.stages), manifest.weight_bytes(),
+                         time.perf_counter() - started, memory.peak_rss_bytes())
+
+
+def _target_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    if name.lower() not in DTYPES:
+        raise ConvertError(f"unknown dtype {name!r}; choose one of fp32, bf16, fp16")
+    return DTYPES[name.lower()]
+
+
+def _write_store(source: Source, root: Path, dtype: torch.dtype, progress: ProgressFn | None) -> Manifest:
+    model = build_skeleton(source.architecture, source.config, dtype)
+    specs = find_stages(model)
+    owners = _owners(specs)
+    entries = []
+    for index, spec in enumerate(specs):
+        tensors = {name: _cast(t, dtype) for name, t in source.stage_tensors(model, spec, index).items()}
+        entries.append(_write_stage(root, index, spec, tensors, owners))
+        del tensors
+        if progress:
+            progress(index + 1, len(specs), spec.name, entries[-1].stored_bytes)
+    config = source.config.to_dict()
+    config["architectures"] = [source.architecture]
+    manifest = Manifest(architecture=source.architecture, model_type=config["model_type"],
+                        dtype=str(dtype).removeprefix("torch."), config=config, stages=entries,
+                        files=source.copy_side_files(root), source=source.description)
+    manifest.save(root)
+    record_verified(root, manifest)
+    _fsync_dir(root / "stages")
+    _fsync_dir(root)
+    return manifest
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _owners(specs: list[StageSpec]) -> dict[str, TiedRef]:
+    """Full state-dict name -> (stage, local name) of every stored tensor, to resolve tied references."""
+    return {
+        (f"{spec.module}.{local}" if spec.module else local): TiedRef(stage=spec.name, tensor=local)
+        for spec in specs for local in spec.owned
+    }
+
+
+def _write_stage(root: Path, index: int, spec: StageSpec, tensors: dict[str, torch.Tensor],
+                 owners: dict[str, TiedRef]) -> StageEntry:
+    relative = f"stages/{index:04d}-{re.sub(r'[^A-Za-z0-9._-]', '_', spec.name)}.safetensors"
+    written = write_stage_file(root / relative, tensors, last=spec.gather)
+    tied = {local: owners[owner] for local, owner in spec.tied.items()}
+    return StageEntry(name=spec.name, module=spec.module, kind=spec.kind, file=relative, bytes=written.bytes,
+                      data_start=written.data_start, sha256=written.sha256, tensors=written.tensors,
+                      tied=tied, gather=list(spec.gather))
+
+
+def _replace(partial: Path, dest: Path) -> None:
+    """Move the finished store into place; an existing destination is swapped out, then removed."""
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        dest.rename(old)
+    partial.rename(dest)
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

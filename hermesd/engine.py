@@ -1,0 +1,109 @@
+"""The Execution Engine: ``hermesd.load(store)`` gives a transformers model that streams its weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermesd import memory
+from hermesd.budget import Plan, Workload, fit_plan
+from hermesd.bufferpool import Buffer, BufferPool
+from hermesd.manifest import Manifest
+from hermesd.prefetch import Prefetcher
+from hermesd.reader import StageReader
+from hermesd.runtime import StreamRuntime
+from hermesd.stages import build_skeleton, config_from_dict
+from hermesd.stats import RunStats
+from hermesd.units import parse_size
+
+
+class Engine:
+    """A model loaded from a store. ``model`` is the transformers model; ``stats`` its last run.
+
+    Call ``engine.model(...)`` or ``engine.model.generate(...)`` as with any transformers model;
+    stages stream from disk under the plan. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, store_dir: Path, manifest: Manifest, model: torch.nn.Module, plan: Plan,
+                 reader: StageReader, runtime: StreamRuntime, resident_buffers: list[Buffer]) -> None:
+        self.store_dir = store_dir
+        self.manifest = manifest
+        self.model = model
+        self.plan = plan
+        self.reader = reader
+        self._runtime = runtime
+        self._resident_buffers = resident_buffers
+        self._tokenizer = None
+        self._image_processor = None
+
+    @property
+    def stats(self) -> RunStats:
+        """Statistics of the last completed run (a forward call or a whole generate call)."""
+        return self._runtime.last_stats
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.store_dir, local_files_only=True)
+        return self._tokenizer
+
+    @property
+    def image_processor(self) -> Any:
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(self.store_dir, local_files_only=True)
+        return self._image_processor
+
+    def close(self) -> None:
+        """Stop the loader threads and drop the hooks; the model keeps only meta weights."""
+        self._runtime.prefetcher.close()
+        self._runtime.detach()
+        self._resident_buffers.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = None, prefetch: int | None = None,
+         resident: list[str] | str | None = None, loaders: int | None = None, direct_io: bool | None = None,
+         workload: Workload = Workload()) -> Engine:
+    """Open a store and return an Engine whose ``model`` streams stages under a memory plan.
+
+    memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
+        most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
+    prefetch: stages read ahead while one computes (k); default 2.
+    resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
+    loaders: loader threads (default: one per prefetched stage).
+    direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.
+    """
+    store_dir = Path(store_dir)
+    manifest = Manifest.load(store_dir)
+    config = config_from_dict(manifest.config)
+    model = build_skeleton(manifest.architecture, config, getattr(torch, manifest.dtype))
+    reader = StageReader(store_dir, manifest, direct=direct_io)
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget, prefetch=prefetch,
+                    resident=resident, loaders=loaders, workload=workload)
+    runtime = StreamRuntime(model, manifest, reader,
+                            Prefetcher(reader, BufferPool(plan.pool_bytes), list(plan.streamed),
+                                       plan.prefetch, plan.loaders),
+                            list(plan.streamed))
+    resident_buffers = [_load_resident(reader, runtime, name) for name in plan.resident]
+    return Engine(store_dir, manifest, model, plan, reader, runtime, resident_buffers)
+
+
+def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> Buffer:
+    """Read a resident stage into a buffer of its own and bind it for good."""
+    buffer = Buffer(reader.span(name))
+    tensors, _ = reader.read(name, buffer)
+    runtime.bindings[name].bind(tensors)
+    return buffer

@@ -1,0 +1,138 @@
+"""The loading agents: k loader threads read the next stages while the current one computes.
+
+The compute thread drives everything: it asks for a stage (``acquire``), uses it, and gives it back
+(``release``). After each of those calls the prefetcher tops up its queue: while fewer than ``depth``
+loads are pending and the pool has room, the next stage in execution order is submitted to a loader.
+Buffers are always taken in execution order, so a tight pool cannot deadlock; a stage that is
+requested out of order (a model that skips or repeats a module) is loaded on demand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from hermesd.bufferpool import Buffer, BufferPool
+from hermesd.reader import StageReader
+
+
+@dataclass
+class LoadedStage:
+    """A stage's tensors, the buffer they alias, and when its load ran (perf_counter seconds)."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    buffer: Buffer | None
+    bytes_read: int
+    load_start: float
+    load_end: float
+    prefetched: bool
+
+
+@dataclass
+class _Pending:
+    name: str
+    buffer: Buffer
+    future: Future
+
+
+class Prefetcher:
+    """Keeps up to ``depth`` loads of upcoming stages in flight on ``loaders`` threads."""
+
+    def __init__(self, reader: StageReader, pool: BufferPool, order: list[str], depth: int, loaders: int) -> None:
+        self.reader = reader
+        self.pool = pool
+        self.order = list(order)
+        self.depth = depth if self.order else 0
+        self.loaders = max(1, loaders) if self.depth else 0
+        self._executor = (
+            ThreadPoolExecutor(max_workers=self.loaders, thread_name_prefix="hermesd-loader")
+            if self.depth > 0 else None
+        )
+        self._pending: deque[_Pending] = deque()
+        self._cursor = 0
+        self._active = False
+        self._wrap = False
+        self.paused = False
+
+    def start(self, wrap: bool) -> None:
+        """Begin a run; with ``wrap`` the schedule continues into the next forward pass (generation)."""
+        self._active, self._wrap, self._cursor = True, wrap, 0
+        self._top_up()
+
+    def stop(self) -> None:
+        """End a run: wait for loads in flight and return their buffers."""
+        self._active = False
+        self._discard(len(self._pending))
+
+    def close(self) -> None:
+        self.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def acquire(self, name: str) -> LoadedStage:
+        """Stage ``name`` loaded: from the queue if it was prefetched, else read now."""
+        position = next((i for i, p in enumerate(self._pending) if p.name == name), None)
+        if position is None:
+            self._discard(len(self._pending))
+            loaded = self._load_now(name)
+            self._cursor = self.order.index(name) + 1 if name in self.order else self._cursor
+        else:
+            self._discard(position)
+            pending = self._pending.popleft()
+            try:
+                loaded = pending.future.result()
+            except BaseException:
+                self.pool.release(pending.buffer)
+                raise
+        self._top_up()
+        return loaded
+
+    def release(self, loaded: LoadedStage) -> None:
+        if loaded.buffer is not None:
+            self.pool.release(loaded.buffer)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        if not self._active or self.paused or self._executor is None:
+            return
+        while len(self._pending) < self.depth:
+            if self._cursor >= len(self.order):
+                if not self._wrap:
+                    return
+                self._cursor = 0
+            name = self.order[self._cursor]
+            buffer = self.pool.try_acquire(self.reader.span(name))
+            if buffer is None:
+                return  # the pool is full: retried when a stage is released
+            future = self._executor.submit(self._load, name, buffer, True)
+            self._pending.append(_Pending(name, buffer, future))
+            self._cursor += 1
+
+    def _load(self, name: str, buffer: Buffer, prefetched: bool) -> LoadedStage:
+        started = time.perf_counter()
+        tensors, count = self.reader.read(name, buffer)
+        return LoadedStage(name, tensors, buffer, count, started, time.perf_counter(), prefetched)
+
+    def _load_now(self, name: str) -> LoadedStage:
+        buffer = self.pool.acquire_overdraft(self.reader.span(name))
+        try:
+            return self._load(name, buffer, prefetched=False)
+        except BaseException:
+            self.pool.release(buffer)
+            raise
+
+    def _discard(self, count: int) -> None:
+        """Drop the first ``count`` pending loads (skipped stages), waiting for reads in progress."""
+        for _ in range(count):
+            pending = self._pending.popleft()
+            if not pending.future.cancel():
+                try:
+                    pending.future.result()
+                except Exception:
+                    pass  # the stage is not used, so neither is its load error
+            self.pool.release(pending.buffer)

@@ -1,0 +1,204 @@
+"""Stage hooks: put a stage's weights into the model right before it runs and take them out after.
+
+The model's own ``forward`` and ``generate`` run unmodified. Forward pre-hooks on each streamed
+stage's module wait for its load and bind the loaded tensors; forward hooks (also called when the
+forward raises) restore the meta parameters and hand the buffer back. Large embedding tables are
+gathered: a pre-hook reads only the rows of the batch's token ids and remaps the ids onto them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from hermesd import memory
+from hermesd.errors import StoreError
+from hermesd.manifest import Manifest, StageEntry
+from hermesd.prefetch import LoadedStage, Prefetcher
+from hermesd.reader import StageReader
+from hermesd.stats import RunStats, StageStats
+
+TIMELINE_LIMIT = 20_000  # events kept per run; a long generation stops adding after this
+
+
+class StageBinding:
+    """The slots of one stage in the model: bind loaded tensors into them, restore meta after use."""
+
+    def __init__(self, model: nn.Module, entry: StageEntry) -> None:
+        self.name = entry.name
+        try:
+            base = model.get_submodule(entry.module)
+            locals_ = [n for n in [*entry.tensors, *entry.tied] if n not in entry.gather]
+            self._slots = [self._slot(base, local) for local in locals_]
+        except (AttributeError, KeyError) as exc:
+            raise StoreError(f"stage {entry.name!r} does not fit the {type(model).__name__} skeleton: {exc}") from None
+
+    @staticmethod
+    def _slot(base: nn.Module, local: str) -> tuple[str, nn.Module, str, bool, Any]:
+        path, _, attr = local.rpartition(".")
+        owner = base.get_submodule(path) if path else base
+        if attr in owner._parameters:
+            return local, owner, attr, True, owner._parameters[attr]
+        if attr in owner._buffers:
+            return local, owner, attr, False, owner._buffers[attr]
+        raise KeyError(f"no parameter or buffer {local!r}")
+
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        for local, owner, attr, is_param, _ in self._slots:
+            if is_param:
+                owner._parameters[attr] = nn.Parameter(tensors[local], requires_grad=False)
+            else:
+                owner._buffers[attr] = tensors[local]
+
+    def unbind(self) -> None:
+        for _, owner, attr, is_param, original in self._slots:
+            (owner._parameters if is_param else owner._buffers)[attr] = original
+
+
+class StreamRuntime:
+    """Owns the hooks of one model and the statistics of its runs."""
+
+    def __init__(self, model: nn.Module, manifest: Manifest, reader: StageReader, prefetcher: Prefetcher,
+                 streamed: list[str]) -> None:
+        self.model = model
+        self.reader = reader
+        self.prefetcher = prefetcher
+        self.bindings = {entry.name: StageBinding(model, entry) for entry in manifest.stages}
+        self.last_stats = RunStats()
+        self._stats: RunStats | None = None
+        self._by_name: dict[str, StageStats] = {}
+        self._held: dict[str, tuple[LoadedStage, float]] = {}
+        self._run_owner: str | None = None
+        self._t0 = 0.0
+        self._handles = []
+        for name in streamed:
+            self._hook_stage(manifest.stage(name))
+        for entry in manifest.stages:
+            for local in entry.gather:
+                self._hook_gather(entry, local)
+        self._handles.append(model.register_forward_pre_hook(self._root_pre))
+        self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
+        self._original_generate = getattr(model, "generate", None)
+        if self._original_generate is not None:
+            model.generate = self._wrap_generate(self._original_generate)
+
+    def detach(self) -> None:
+        """Remove every hook (the model is left with meta weights)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._original_generate is not None:
+            del self.model.generate
+
+    # -- runs ---------------------------------------------------------------------------------
+    def _wrap_generate(self, original):
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            if self._run_owner is not None:
+                return original(*args, **kwargs)
+            self._begin("generate", wrap=True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._end()
+        return generate
+
+    def _root_pre(self, module: nn.Module, args: tuple) -> None:
+        if self._run_owner is None:
+            self._begin("forward", wrap=False)
+        self._stats.passes += 1
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._run_owner == "forward":
+            self._end()
+
+    def _begin(self, owner: str, wrap: bool) -> None:
+        self._run_owner = owner
+        self._stats = RunStats(prefetch=self.prefetcher.depth, loaders=self.prefetcher.loaders,
+                               read_mode=self.reader.read_mode)
+        self._by_name = {}
+        memory.reset_peak_rss()
+        self._t0 = time.perf_counter()
+        self.prefetcher.start(wrap=wrap)
+
+    def _end(self) -> None:
+        for name in list(self._held):
+            self._stage_post(name)  # a forward that raised may leave stages bound
+        self.prefetcher.stop()
+        stats = self._stats
+        stats.wall_s = time.perf_counter() - self._t0
+        stats.peak_rss_bytes = memory.peak_rss_bytes()
+        stats.pool_high_water_bytes = self.prefetcher.pool.high_water
+        stats.stages = list(self._by_name.values())
+        self.last_stats, self._stats, self._run_owner = stats, None, None
+
+    # -- stages -------------------------------------------------------------------------------
+    def _hook_stage(self, entry: StageEntry) -> None:
+        module = self.model.get_submodule(entry.module)
+        name = entry.name
+        self._handles.append(module.register_forward_pre_hook(lambda m, a: self._stage_pre(name)))
+        self._handles.append(module.register_forward_hook(lambda m, a, o: self._stage_post(name), always_call=True))
+
+    def _stage_pre(self, name: str) -> None:
+        asked = time.perf_counter()
+        loaded = self.prefetcher.acquire(name)
+        self.bindings[name].bind(loaded.tensors)
+        ready = time.perf_counter()
+        self._held[name] = (loaded, ready)
+        if self._stats is not None:
+            record = self._stage_record(name)
+            record.loads += 1
+            record.bytes_read += loaded.bytes_read
+            record.load_s += loaded.load_end - loaded.load_start
+            record.wait_s += ready - asked
+            self._stats.on_demand_loads += not loaded.prefetched
+            self._event(name, "load", loaded.load_start, loaded.load_end)
+
+    def _stage_post(self, name: str) -> None:
+        held = self._held.pop(name, None)
+        if held is None:
+            return
+        loaded, ready = held
+        self.bindings[name].unbind()
+        done = time.perf_counter()
+        if self._stats is not None:
+            self._stage_record(name).compute_s += done - ready
+            self._event(name, "compute", ready, done)
+        self.prefetcher.release(loaded)
+
+    def _stage_record(self, name: str) -> StageStats:
+        if name not in self._by_name:
+            self._by_name[name] = StageStats(name)
+        return self._by_name[name]
+
+    def _event(self, name: str, kind: str, start: float, end: float) -> None:
+        if len(self._stats.timeline) < TIMELINE_LIMIT:
+            self._stats.timeline.append((name, kind, round(start - self._t0, 6), round(end - self._t0, 6)))
+
+    # -- gathered embedding tables ------------------------------------------------------------
+    def _hook_gather(self, entry: StageEntry, local: str) -> None:
+        path = local.rpartition(".")[0]
+        module = self.model.get_submodule(".".join(p for p in (entry.module, path) if p))
+        meta_weight = module._parameters["weight"]
+        padding_idx = module.padding_idx
+
+        def gather(mod: nn.Module, args: tuple, kwargs: dict):
+            ids = args[0] if args else kwargs.pop("input")
+            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            rows = self.reader.read_rows(entry.name, local, unique.tolist())
+            mod._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+            mod.padding_idx = None  # only affects gradients; the compact table has no such row
+            if self._stats is not None:
+                self._stats.gathered_bytes += rows.numel() * rows.element_size()
+            return (inverse, *args[1:]), kwargs
+
+        def restore(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            mod._parameters["weight"] = meta_weight
+            mod.padding_idx = padding_idx
+
+        self._handles.append(module.register_forward_pre_hook(gather, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(restore, with_kwargs=True, always_call=True))
