@@ -181,7 +181,7 @@ class RandomSource:
             model._init_weights(sub)
         state = dict(module.named_parameters(recurse=recurse, remove_duplicate=False))
         state.update(buffers)
-        tensors = {local: state[local].detach().clone() for local in stage.owned}
+        tensors = {local: state[local].detach() for local in stage.owned}  # to("meta") below drops the module's references
         module.to("meta")  # give the memory back before the next stage
         return tensors
 

@@ -1,0 +1,195 @@
+"""The ``hermesd`` command line: convert models to stores, inspect them, run one-shot tasks.
+
+Exit codes: 0 success, 1 a hermesd error (bad store, budget too small, bad task input),
+2 usage errors (argparse), 78 configuration errors (EX_CONFIG, used by ``serve``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hermesd.errors import HermesError
+from hermesd.units import format_size
+
+EXIT_ERROR = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Inputs of `run` may follow its options ("run STORE --task generate PROMPT"), which plain
+    # parse_args refuses for a nargs="*" positional: collect the leftovers as inputs.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "run" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.inputs = list(args.inputs) + extra
+    try:
+        return args.handler(args)
+    except HermesError as exc:
+        print(f"hermesd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:  # bad sizes, unknown stage names
+        print(f"hermesd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("hermesd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into head/grep that stopped reading
+        sys.stderr.close()
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert a model into a layer store (one file per stage)")
+    convert.add_argument("paths", nargs="+", metavar="PATH",
+                         help="SRC DEST (a Hugging Face directory or .gguf file, then the store), or only DEST "
+                              "with --random-config")
+    convert.add_argument("--gguf-file", help="name of the GGUF file inside SRC")
+    convert.add_argument("--random-config", type=Path, help="config.json of an architecture: random weights")
+    convert.add_argument("--seed", type=int, default=0, help="seed for --random-config (default 0)")
+    convert.add_argument("--dtype", help="stored dtype: fp32, bf16 or fp16 (default: the source's)")
+    convert.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    convert.add_argument("--quiet", action="store_true", help="no progress lines")
+    convert.add_argument("--json", action="store_true", help="print the summary as JSON")
+    convert.set_defaults(handler=_cmd_convert)
+
+    info = commands.add_parser("info", help="show a store's stages, sizes and minimum memory budget")
+    info.add_argument("store", type=Path)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(handler=_cmd_info)
+
+    run = commands.add_parser("run", help="load a store and run one task")
+    run.add_argument("store", type=Path)
+    run.add_argument("inputs", nargs="*", help="prompt / texts / image paths (or use --input)")
+    run.add_argument("--task", required=True, choices=["generate", "embed", "classify", "forward"])
+    run.add_argument("--input", action="append", default=[], dest="more_inputs", help="an input (repeatable)")
+    _engine_options(run)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    run.add_argument("--normalize", action="store_true", help="embed: L2-normalise vectors")
+    run.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="embed: pooling")
+    run.add_argument("--labels", type=int, default=5, help="classify: labels to report per input")
+    run.add_argument("--json", action="store_true", help="print result, stats and plan as JSON")
+    run.add_argument("--timeline", action="store_true", help="with --json: include per-stage load/compute times")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-budget", help="process memory budget, e.g. 512MiB (default: none)")
+    parser.add_argument("--prefetch", type=int, help="stages read ahead (k); default 2")
+    parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
+    parser.add_argument("--loaders", type=int, help="loader threads (default: one per prefetched stage)")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from hermesd.convert import convert, open_source
+
+    if args.random_config is not None and len(args.paths) != 1:
+        raise HermesError("with --random-config give only DEST")
+    if args.random_config is None and len(args.paths) != 2:
+        raise HermesError("give SRC and DEST")
+    src = None if args.random_config is not None else Path(args.paths[0])
+    dest = Path(args.paths[-1])
+    if dest.exists() and not args.force:  # refuse before the (possibly slow) source is opened
+        raise HermesError(f"{dest} already exists; pass --force to replace it")
+    source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed)
+    progress = None if args.quiet else _print_progress
+    report = convert(source, dest, dtype=args.dtype, force=args.force, progress=progress)
+    if args.json:
+        print(json.dumps(report.__dict__))
+    else:
+        print(f"wrote {report.store}: {report.stages} stages, {format_size(report.weight_bytes)} of weights "
+              f"in {report.seconds:.1f} s; peak memory {format_size(report.peak_rss_bytes)}")
+    return 0
+
+
+def _print_progress(done: int, total: int, name: str, nbytes: int) -> None:
+    print(f"[{done}/{total}] {name} ({format_size(nbytes)})", file=sys.stderr, flush=True)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hermesd import memory
+    from hermesd.budget import fit_plan
+    from hermesd.manifest import Manifest
+    from hermesd.reader import StageReader
+
+    manifest = Manifest.load(args.store)
+    reader = StageReader(args.store, manifest)
+    minimum = fit_plan(manifest, reader.span, memory.rss_bytes(), prefetch=0,
+                       resident=[s.name for s in manifest.stages if s.kind == "pinned"])
+    if args.json:
+        print(json.dumps({"architecture": manifest.architecture, "dtype": manifest.dtype,
+                          "weight_bytes": manifest.weight_bytes(), "minimum_budget": minimum.peak_bound,
+                          "read_mode": reader.read_mode,
+                          "stages": [{"name": s.name, "kind": s.kind, "bytes": reader.read_bytes(s.name),
+                                      "tied": sorted(s.tied), "gather": s.gather} for s in manifest.stages]}))
+        return 0
+    print(f"{manifest.architecture} ({manifest.model_type}, {manifest.dtype}): {len(manifest.stages)} stages, "
+          f"{format_size(manifest.weight_bytes())} of weights; read mode {reader.read_mode}")
+    print(f"minimum memory budget (no prefetch): {format_size(minimum.peak_bound)}")
+    for stage in manifest.stages:
+        extra = "".join([f" tied:{','.join(stage.tied)}" if stage.tied else "",
+                         f" gathered:{','.join(stage.gather)}" if stage.gather else ""])
+        print(f"  {stage.name:<40} {stage.kind:<6} {format_size(reader.read_bytes(stage.name)):>10}{extra}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import hermesd
+    from hermesd.tasks import run_task
+
+    inputs: Any = list(args.inputs) + list(args.more_inputs)
+    if not inputs:
+        raise HermesError("give at least one input (positional or --input)")
+    resident = args.resident if args.resident in (None, "all") else [s for s in args.resident.split(",") if s]
+    with hermesd.load(args.store, memory_budget=args.memory_budget, prefetch=args.prefetch,
+                      resident=resident, loaders=args.loaders) as engine:
+        if args.task == "generate":
+            inputs = " ".join(inputs)
+        result = run_task(engine, args.task, inputs, _task_params(args))
+        stats = engine.stats
+        if args.json:
+            print(json.dumps({"task": args.task, "result": result, "stats": stats.to_dict(timeline=args.timeline),
+                              "plan": engine.plan.to_dict()}))
+        else:
+            print(_human_result(args.task, result))
+            print(stats.summary(), file=sys.stderr)
+    return 0
+
+
+def _task_params(args: argparse.Namespace) -> dict[str, Any]:
+    if args.task == "generate":
+        return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "chat": False if args.no_chat else None}
+    if args.task == "embed":
+        return {"normalize": args.normalize, "pooling": args.pooling}
+    if args.task == "classify":
+        return {"top_k": args.labels}
+    return {}
+
+
+def _human_result(task: str, result: dict[str, Any]) -> str:
+    if task == "generate":
+        return result["text"]
+    if task == "embed":
+        return "\n".join(f"[{len(v)} dims] " + " ".join(f"{x:+.4f}" for x in v[:8]) + " …" for v in result["embeddings"])
+    if task == "classify":
+        return "\n".join(", ".join(f"{p['label']} {p['score']:.3f}" for p in row) for row in result["labels"])
+    return "\n".join(f"{name}: shape {out['shape']} {out['dtype']}" for name, out in result["outputs"].items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The tasks a loaded model serves: generate, embed, classify, forward.
+
+Each task validates its parameters (raising TaskError with a message fit for a client), runs the
+model's own ``generate``/``forward``, and returns JSON-ready data. These are also the job types of
+the daemon's protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from hermesd.engine import Engine
+from hermesd.errors import TaskError
+
+TASKS = ("generate", "embed", "classify", "forward")
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_FORWARD_VALUES = 1 << 20  # values a forward result may carry before it is refused as too large
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool | None = None  # None: use the chat template when the tokenizer has one
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
+                 f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}")
+        _require(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 10,
+                 "temperature must be a number in 0..10")
+        _require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a non-negative integer")
+        _require(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TaskError(message)
+
+
+def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
+             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused."""
+    params = dict(params or {})
+    if task == "generate":
+        if "stop" in params and isinstance(params["stop"], (list, tuple)):
+            params["stop"] = tuple(params["stop"])
+        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token)
+    if task == "embed":
+        return embed(engine, inputs, **_known(params, "normalize", "pooling"))
+    if task == "classify":
+        return classify(engine, inputs, **_known(params, "top_k"))
+    if task == "forward":
+        return forward(engine, inputs)
+    raise TaskError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+
+
+def _build(cls: type, params: dict[str, Any]) -> Any:
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise TaskError(f"bad parameters: {exc}") from None
+
+
+def _known(params: dict[str, Any], *names: str) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(names))
+    _require(not unknown, f"unknown parameter(s) {unknown}; allowed: {list(names)}")
+    return params
+
+
+def _texts(inputs: Any) -> list[str]:
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    _require(isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts),
+             "inputs must be a string or a non-empty list of strings")
+    return texts
+
+
+def _can_generate(engine: Engine) -> bool:
+    return engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+# -- generate -----------------------------------------------------------------------------------
+def generate(engine: Engine, prompt: str | list[dict[str, str]], params: GenerateParams = GenerateParams(),
+             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Continue ``prompt`` (text, or chat messages) and return the new text."""
+    _require(_can_generate(engine), f"{engine.manifest.architecture} is not a causal language model")
+    tokenizer = engine.tokenizer
+    input_ids = _prompt_ids(tokenizer, prompt, params.chat)
+    kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "attention_mask": torch.ones_like(input_ids)}
+    if params.temperature > 0:
+        kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
+                      top_k=params.top_k or None)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if params.stop:
+        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    if on_token is not None:
+        kwargs["streamer"] = _TokenCounter(on_token)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        output = engine.model.generate(input_ids, pad_token_id=pad, **kwargs)
+    new_ids = output[0, input_ids.shape[1]:].tolist()
+    text, stopped = _cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), params.stop)
+    hit_eos = bool(new_ids) and new_ids[-1] in _eos_ids(engine, tokenizer)
+    finish = "stop" if stopped or hit_eos else ("length" if len(new_ids) >= params.max_new_tokens else "stop")
+    return {"text": text, "prompt_tokens": int(input_ids.shape[1]), "new_tokens": len(new_ids),
+            "finish_reason": finish}
+
+
+def _prompt_ids(tokenizer: Any, prompt: Any, chat: bool | None) -> torch.Tensor:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, list):
+        _require(has_template, "chat messages need a tokenizer with a chat template")
+        _require(all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt),
+                 "messages must be a list of {role, content} objects")
+        messages = prompt
+    else:
+        _require(isinstance(prompt, str) and prompt != "", "prompt must be a non-empty string")
+        if not (has_template and chat is not False):
+            return tokenizer(prompt, return_tensors="pt").input_ids
+        messages = [{"role": "user", "content": prompt}]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    return encoded["input_ids"]
+
+
+def _eos_ids(engine: Engine, tokenizer: Any) -> set[int]:
+    ids = engine.model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class _TokenCounter:
+    """A transformers streamer that reports each generated token id (for progress)."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self._on_token = on_token
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first puts the prompt itself
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+# -- embed ----------------------------------------------------------------------------------------
+def embed(engine: Engine, inputs: str | list[str], normalize: bool = False, pooling: str = "mean") -> dict[str, Any]:
+    """One vector per input text: mean (default) or CLS pooling of the last hidden states."""
+    texts = _texts(inputs)
+    _require(pooling in ("mean", "cls"), "pooling must be 'mean' or 'cls'")
+    _require(isinstance(normalize, bool), "normalize must be true or false")
+    encoded = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        output = engine.model(**encoded, output_hidden_states=True)
+    hidden = getattr(output, "last_hidden_state", None)
+    hidden = hidden if hidden is not None else output.hidden_states[-1]  # hidden: [B, S, D]
+    if pooling == "cls":
+        vectors = hidden[:, 0]
+    else:
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
+        vectors = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    return {"embeddings": vectors.float().tolist(), "dimensions": int(vectors.shape[-1])}
+
+
+# -- classify -------------------------------------------------------------------------------------
+def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[str, Any]:
+    """Labels with softmax scores for each input: texts, or image file paths for image models."""
+    architecture = engine.manifest.architecture
+    _require(architecture.endswith(("ForSequenceClassification", "ForImageClassification")),
+             f"{architecture} has no classification head")
+    _require(isinstance(top_k, int) and top_k >= 1, "top_k must be a positive integer")
+    items = _texts(inputs)
+    if engine.model.main_input_name == "pixel_values":
+        batch = {"pixel_values": engine.image_processor(images=_open_images(items), return_tensors="pt").pixel_values}
+    else:
+        batch = dict(engine.tokenizer(items, padding=True, truncation=True, return_tensors="pt"))
+    with torch.inference_mode():
+        logits = engine.model(**batch).logits.float()  # logits: [B, num_labels]
+    probabilities = logits.softmax(-1)
+    labels = engine.model.config.id2label
+    results = []
+    for row in probabilities:
+        scores, indices = row.topk(min(top_k, row.numel()))
+        results.append([{"label": labels.get(int(i), str(int(i))), "score": float(s)} for s, i in zip(scores, indices)])
+    return {"labels": results}
+
+
+def _open_images(paths: list[str]) -> list[Any]:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise TaskError("image classification needs Pillow: pip install pillow") from None
+    images = []
+    for path in paths:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as exc:
+            raise TaskError(f"cannot open image {path!r}: {exc}") from None
+    return images
+
+
+# -- forward --------------------------------------------------------------------------------------
+def forward(engine: Engine, inputs: str | list[str] | list[list[int]]) -> dict[str, Any]:
+    """Raw model outputs for text (tokenized) or token ids: each output's shape, dtype and values."""
+    if isinstance(inputs, list) and inputs and all(isinstance(row, list) for row in inputs):
+        _require(all(all(isinstance(t, int) for t in row) for row in inputs) and len({len(r) for r in inputs}) == 1,
+                 "token ids must be equal-length lists of integers")
+        batch = {"input_ids": torch.tensor(inputs)}
+    else:
+        batch = dict(engine.tokenizer(_texts(inputs), padding=True, return_tensors="pt"))
+    with torch.inference_mode():
+        output = engine.model(**batch)
+    result = {}
+    for name, value in output.items():
+        if isinstance(value, torch.Tensor):
+            _require(value.numel() <= MAX_FORWARD_VALUES, f"output {name} has {value.numel()} values; too large")
+            result[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
+                            "values": value.float().tolist()}
+    return {"outputs": result}
