@@ -166,8 +166,13 @@ class StageReader:
         base = entry.data_start + table.offsets[0]
         fd = self._open_checked(entry, self.store_dir / entry.file, direct=False)
         try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: rows are scattered
             for first, count, at in _runs(rows):
-                _pread_full(fd, target[at * row_bytes : (at + count) * row_bytes], base + first * row_bytes)
+                offset, length = base + first * row_bytes, count * row_bytes
+                _pread_full(fd, target[at * row_bytes : at * row_bytes + length], offset)
+                # DONTNEED drops only whole pages inside the range: widen it to page boundaries.
+                start = offset - offset % PAGE
+                os.posix_fadvise(fd, start, round_up(offset + length) - start, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         return out

@@ -74,7 +74,7 @@ class HFDirSource:
         self._where = {key: handle for handle in self._handles for key in handle.keys()}
         self.default_dtype = _config_dtype(self.config) or self._first_float_dtype()
         self.description = {"kind": "hf", "path": str(src)}
-        self._prefix = ""
+        self._keys: dict[str, str] | None = None
 
     def _first_float_dtype(self) -> torch.dtype:
         for key, handle in self._where.items():
@@ -84,26 +84,16 @@ class HFDirSource:
         return torch.float32
 
     def stage_tensors(self, model: nn.Module, stage: StageSpec, index: int) -> dict[str, torch.Tensor]:
-        prefix = getattr(model, "base_model_prefix", "") or ""
+        if self._keys is None:
+            self._keys = _checkpoint_keys_by_model_name(model, list(self._where), str(self.src))
         result = {}
         for local in stage.owned:
             full = f"{stage.module}.{local}" if stage.module else local
-            key = self._resolve(full, prefix)
+            key = self._keys.get(full)
             if key is None:
                 raise ConvertError(f"{self.src}: checkpoint has no tensor for {full} (stage {stage.name})")
             result[local] = self._where[key].get_tensor(key)
         return result
-
-    def _resolve(self, full: str, prefix: str) -> str | None:
-        """Map a model state-dict name to the checkpoint's key (base-model prefix and legacy names)."""
-        candidates = [full]
-        if prefix and full.startswith(prefix + "."):
-            candidates.append(full[len(prefix) + 1 :])
-        elif prefix:
-            candidates.append(f"{prefix}.{full}")
-        legacy = [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
-                  for c in candidates]
-        return next((c for c in candidates + legacy if c in self._where), None)
 
     def copy_side_files(self, dest: Path) -> list[str]:
         copied = []
@@ -112,6 +102,31 @@ class HFDirSource:
                 shutil.copy2(self.src / name, dest / name)
                 copied.append(name)
         return copied
+
+
+def _checkpoint_keys_by_model_name(model: nn.Module, keys: list[str], origin: str) -> dict[str, str]:
+    """Model state-dict name -> checkpoint key, renamed the way transformers' own loader renames.
+
+    transformers 5 keeps legacy checkpoint names on disk (``save_pretrained`` writes them) and
+    renames on load through a per-architecture conversion mapping; we apply the same mapping. Keys
+    that need a merging/splitting converter (e.g. fused experts) would need the whole group at once.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    meta_state = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+    result = {}
+    for key in keys:
+        name, converter = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if converter is not None:
+            raise UnsupportedModelError(
+                f"{origin}: {key} needs transformers' weight conversion ({converter}); not supported by convert yet")
+        result.setdefault(name, key)
+    return result
 
 
 class GGUFSource:

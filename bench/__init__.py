@@ -1,0 +1,1 @@
+"""Benchmarks of hermesd against transformers and accelerate (run from the repository root)."""

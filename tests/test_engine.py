@@ -1,0 +1,151 @@
+"""The engine's correctness bar: streamed output equals the fully loaded model's, for every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hermesd
+from hermesd.errors import BudgetError
+from hermesd.manifest import Manifest
+
+from conftest import ARCHS, CAUSAL, VOCAB
+
+
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=generator)}
+    ids = torch.randint(1, VOCAB, (2, 19), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # a padded row exercises the attention mask path
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _main_output(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _stage_names(store) -> list[str]:
+    return [s.name for s in Manifest.load(store).stages]
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 3])
+def test_streamed_forward_equals_full_model(converted, name, prefetch):
+    model = converted(name)
+    inputs = _inputs(name)
+    with torch.inference_mode():
+        want = _main_output(model.reference()(**inputs))
+        with hermesd.load(model.store, prefetch=prefetch) as engine:
+            got = _main_output(engine.model(**inputs))
+            stats = engine.stats
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    streamed = [s for s in stats.stages if not s.resident]
+    assert stats.passes == 1 and stats.bytes_read > 0
+    assert {s.name for s in streamed} == set(_stage_names(model.store))
+    assert stats.on_demand_loads == (len(streamed) if prefetch == 0 else 0)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_resident_stages_give_the_same_output(converted, name):
+    model = converted(name)
+    stages = _stage_names(model.store)
+    resident = [stages[0], stages[len(stages) // 2], stages[-1]]
+    inputs = _inputs(name)
+    with torch.inference_mode():
+        want = _main_output(model.reference()(**inputs))
+        with hermesd.load(model.store, prefetch=2, resident=resident) as engine:
+            got = _main_output(engine.model(**inputs))
+            loaded = {s.name for s in engine.stats.stages}
+            assert engine.plan.resident == tuple(resident)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert loaded.isdisjoint(resident), "resident stages must not be read again during a run"
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("resident", [None, "some"])
+def test_greedy_generation_matches_token_for_token(converted, name, prefetch, resident):
+    model = converted(name)
+    prompt = _inputs(name)["input_ids"][:1]
+    keep = _stage_names(model.store)[-2:] if resident else None
+    want = model.reference().generate(prompt, max_new_tokens=8, do_sample=False)
+    with hermesd.load(model.store, prefetch=prefetch, resident=keep) as engine:
+        got = engine.model.generate(prompt, max_new_tokens=8, do_sample=False)
+        assert engine.stats.passes == 8
+    assert torch.equal(got, want)
+
+
+def test_generation_keeps_the_kv_cache_and_streams_only_weights(converted):
+    model = converted("llama")
+    prompt = _inputs("llama")["input_ids"][:1]
+    seen_lengths = []
+    with hermesd.load(model.store, prefetch=2) as engine:
+        handle = engine.model.model.layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs: seen_lengths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+            with_kwargs=True)
+        engine.model.generate(prompt, max_new_tokens=5, do_sample=False)
+        handle.remove()
+        stats = engine.stats
+    # With the cache, the first pass sees the prompt and every later pass one new token.
+    assert seen_lengths == [prompt.shape[1]] + [1] * 4
+    layer = next(s for s in stats.stages if s.name == "model.layers.0")
+    assert layer.loads == 5, "weights stream again on every pass"
+
+
+def test_budget_below_minimum_is_refused_with_the_minimum(converted):
+    model = converted("gpt2")
+    with pytest.raises(BudgetError) as caught:
+        hermesd.load(model.store, memory_budget="1MiB")
+    assert caught.value.minimum > caught.value.budget == 1 << 20
+    assert "minimum" in str(caught.value) and "MiB" in str(caught.value)
+
+
+def test_budget_holding_the_whole_model_keeps_everything_resident(converted):
+    model = converted("gpt2")
+    inputs = _inputs("gpt2")
+    with hermesd.load(model.store, memory_budget="8GiB") as engine:
+        assert engine.plan.streamed == () and engine.plan.pool_bytes == 0
+        with torch.inference_mode():
+            engine.model(**inputs)
+        assert engine.stats.stages == [], "no stage is loaded during a run when all are resident"
+        assert engine.stats.bytes_read == engine.stats.gathered_bytes > 0
+
+
+def test_tight_budget_streams_with_a_smaller_window(converted):
+    model = converted("gpt2")
+    with hermesd.load(model.store, prefetch=3) as unconstrained:
+        bound_k3 = unconstrained.plan.peak_bound
+    with hermesd.load(model.store, prefetch=0) as k0:
+        bound_k0 = k0.plan.peak_bound
+    budget = (bound_k0 + bound_k3) // 2
+    with hermesd.load(model.store, memory_budget=budget, prefetch=3) as engine:
+        assert engine.plan.peak_bound <= budget
+        assert engine.plan.prefetch < 3 or engine.plan.resident
+
+
+def test_pool_never_exceeds_the_planned_window(converted):
+    model = converted("gptj")
+    with hermesd.load(model.store, prefetch=2) as engine:
+        with torch.inference_mode():
+            engine.model.generate(_inputs("gptj")["input_ids"][:1], max_new_tokens=4, do_sample=False)
+        assert 0 < engine.stats.pool_high_water_bytes <= engine.plan.pool_bytes
+        assert engine.stats.peak_rss_bytes > 0
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_streaming_leaves_no_weights_in_the_page_cache(converted, direct):
+    from conftest import evict, resident_bytes
+
+    model = converted("gpt2")
+    files = sorted((model.store / "stages").glob("*.safetensors"))
+    evict(files)
+    with hermesd.load(model.store, prefetch=2, direct_io=direct) as engine:
+        assert engine.reader.read_mode == ("direct" if direct else "buffered")
+        with torch.inference_mode():
+            engine.model(**_inputs("gpt2"))
+    cached = sum(resident_bytes(path) for path in files)
+    total = sum(path.stat().st_size for path in files)
+    assert cached < 0.01 * total, f"{cached} of {total} bytes stayed in the page cache"
