@@ -146,7 +146,7 @@ def run_accelerate(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any
         total_s = time.perf_counter() - started
         offload_bytes = sum(p.stat().st_size for p in Path(offload).rglob("*") if p.is_file())
     placement: dict[str, int] = {}
-    for device in model.hf_device_map.values():
+    for device in getattr(model, "hf_device_map", {}).values():
         placement[str(device)] = placement.get(str(device), 0) + 1
     result = {"total_s": total_s, "load_s": load_s, "forward_s": forward_s, "placement": placement,
               "offload_folder_bytes": offload_bytes, "cpu_memory": args.cpu_memory}
