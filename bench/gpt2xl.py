@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.harness import machine_facts, make_cold, run_json_child, weight_files
+from bench.harness import cpu_steal_s, machine_facts, make_cold, run_json_child, weight_files
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -70,8 +70,9 @@ def run_rounds(args: argparse.Namespace, names: list[str], run_dir: Path, save: 
         for name in names:
             logits_file = run_dir / f"{name}-r{round_no}.npy"
             resident = make_cold(files)
+            steal = cpu_steal_s()
             result = run_json_child(contender_cmd(name, args, logits_file), timeout=args.timeout, cwd=REPO_ROOT)
-            result.update(name=name, round=round_no, resident_before_bytes=resident)
+            result.update(name=name, round=round_no, resident_before_bytes=resident, steal_s=cpu_steal_s() - steal)
             if result.get("ok") and logits_file.is_file():
                 result["logits_file"] = str(logits_file)
             runs.append(result)
@@ -86,7 +87,7 @@ def _progress(result: dict[str, Any]) -> str:
         return f"{where} FAILED: {result.get('error')}\n{result.get('stderr_tail', '')[-1500:]}"
     times = ", ".join(f"{k} {result[k]:.2f}" for k in ("total_s", "forward_s", "load_s") if k in result)
     return (f"{where} {times}; peak {result['peak_rss_bytes'] / 2**20:,.0f} MiB; "
-            f"cache before {result['resident_before_bytes']} B")
+            f"cache before {result['resident_before_bytes']} B; cpu steal {result['steal_s']:.1f} s")
 
 
 def _notes(args: argparse.Namespace, runs: list[dict[str, Any]], twin_info: dict[str, Any]) -> list[str]:
@@ -97,6 +98,7 @@ def _notes(args: argparse.Namespace, runs: list[dict[str, Any]], twin_info: dict
         f"workload: one forward of a [1, {args.tokens}] prompt (seed {args.seed}), use_cache=False",
         f"torch threads in every contender: {', '.join(map(str, threads)) or 'n/a'}",
         f"page cache cold before each run: max resident weight bytes (fincore) {resident}",
+        f"CPU steal during runs (/proc/stat): max {max((r['steal_s'] for r in runs), default=0):.1f} s in one run",
         f"rounds: {args.repeats}; each contender a fresh process; peak RSS = process VmHWM",
         "accelerate: device_map='auto', max_memory={'cpu': '1GiB'}, offload_folder=tmp "
         "(transformers 5 reads disk-offloaded weights straight from the twin's safetensors)",

@@ -66,6 +66,13 @@ def vm_hwm_bytes() -> int:
     return 0
 
 
+def cpu_steal_s() -> float:
+    """Seconds of CPU time the hypervisor gave to others (``steal`` in /proc/stat), summed over CPUs."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = handle.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def emit_json_line(result: dict[str, Any]) -> None:
     """Print ``result`` as the single JSON line a child reports to the driver."""
     sys.__stdout__.write(json.dumps(result) + "\n")

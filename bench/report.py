@@ -17,7 +17,8 @@ ROWS = [
     ("hermesd-k0 (load+forward)", "hermesd-k0", "total_s"), ("hermesd-k0 (forward)", "hermesd-k0", "forward_s"),
     ("standard (load+forward)", "standard", "total_s"), ("standard (forward)", "standard", "forward_s"),
     ("accelerate (load+forward)", "accelerate", "total_s"), ("accelerate (forward)", "accelerate", "forward_s"),
-    ("io-only (read all stages)", "io-only", "total_s"), ("compute-only (forward, resident)", "compute-only", "forward_s"),
+    ("io-only (read all stages)", "io-only", "total_s"),
+    ("compute-only (forward, resident)", "compute-only", "forward_s"),
 ]
 
 

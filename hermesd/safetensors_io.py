@@ -61,6 +61,8 @@ def write_stage_file(path: Path, tensors: dict[str, torch.Tensor], last: list[st
             digest.update(chunk)
         handle.flush()
         os.fsync(handle.fileno())
+        # Clean pages of a file we will not read soon: leave the page cache to others (and to cgroup caps).
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     return WrittenFile(len(header) + offset, digest.hexdigest(), len(header), entries)
 
 
