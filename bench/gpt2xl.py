@@ -26,7 +26,7 @@ from bench.harness import cpu_steal_s, machine_facts, make_cold, run_json_child,
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 CONFIG = BENCH_DIR / "configs" / "gpt2-xl.json"
-CONTENDERS = ["hermesd", "hermesd-k0", "standard", "accelerate", "io-only", "compute-only"]
+CONTENDERS = ["hermesd", "hermesd-k2", "hermesd-k0", "standard", "accelerate", "io-only", "compute-only"]
 
 
 def ensure_store(store: Path, timeout: float) -> None:

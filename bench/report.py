@@ -14,11 +14,16 @@ MIB = 1 << 20
 # (row label, contender, metric) in table order; rows whose runs lack the metric are left out.
 ROWS = [
     ("hermesd (load+forward)", "hermesd", "total_s"), ("hermesd (forward)", "hermesd", "forward_s"),
+    ("hermesd (forward, warm process)", "hermesd", "warm_forward_s"),
+    ("hermesd-k2 (forward)", "hermesd-k2", "forward_s"),
+    ("hermesd-k2 (forward, warm process)", "hermesd-k2", "warm_forward_s"),
     ("hermesd-k0 (load+forward)", "hermesd-k0", "total_s"), ("hermesd-k0 (forward)", "hermesd-k0", "forward_s"),
+    ("hermesd-k0 (forward, warm process)", "hermesd-k0", "warm_forward_s"),
     ("standard (load+forward)", "standard", "total_s"), ("standard (forward)", "standard", "forward_s"),
     ("accelerate (load+forward)", "accelerate", "total_s"), ("accelerate (forward)", "accelerate", "forward_s"),
     ("io-only (read all stages)", "io-only", "total_s"),
-    ("compute-only (forward, resident)", "compute-only", "forward_s"),
+    ("compute-only (first forward, resident)", "compute-only", "first_forward_s"),
+    ("compute-only (forward, warm process)", "compute-only", "forward_s"),
 ]
 
 
@@ -53,7 +58,7 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, dict[st
     for name in names:
         ok = _ok_runs(runs, name)
         entry: dict[str, Any] = {"runs": len(ok), "failed": sum(1 for r in runs if r.get("name") == name) - len(ok)}
-        for metric in ("total_s", "forward_s", "load_s"):
+        for metric in ("total_s", "forward_s", "warm_forward_s", "first_forward_s", "load_s"):
             values = [r[metric] for r in ok if metric in r]
             if values:
                 entry[metric] = {"median": median(values), "min": min(values), "max": max(values)}
@@ -66,20 +71,27 @@ def _med(summary: dict[str, dict[str, Any]], name: str, metric: str) -> float | 
     return summary.get(name, {}).get(metric, {}).get("median")
 
 
+def _bound(io: float | None, compute: float | None) -> float | None:
+    return max(io, compute) if io is not None and compute is not None else None
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
 def ratios(summary: dict[str, dict[str, Any]]) -> list[Ratio]:
     """The benchmark's target ratios from the medians (None where a contender is missing)."""
-    io, compute = _med(summary, "io-only", "total_s"), _med(summary, "compute-only", "forward_s")
-    bound = max(io, compute) if io is not None and compute is not None else None
-    h_fwd, h_total = _med(summary, "hermesd", "forward_s"), _med(summary, "hermesd", "total_s")
+    io = _med(summary, "io-only", "total_s")
+    fresh = _bound(io, _med(summary, "compute-only", "first_forward_s"))
+    warm = _bound(io, _med(summary, "compute-only", "forward_s"))
+    h_total = _med(summary, "hermesd", "total_s")
     peak_h = summary.get("hermesd", {}).get("peak_rss_bytes")
     peak_s = summary.get("standard", {}).get("peak_rss_bytes")
     return [
-        Ratio("hermesd forward / max(io-only, compute-only)", _div(h_fwd, bound), "<=", 1.10),
-        Ratio("hermesd load+forward / max(io-only, compute-only)", _div(h_total, bound), "<=", 1.10),
+        Ratio("hermesd forward / max(io-only, compute-only), fresh process",
+              _div(_med(summary, "hermesd", "forward_s"), fresh), "<=", 1.10),
+        Ratio("hermesd forward / max(io-only, compute-only), warm process",
+              _div(_med(summary, "hermesd", "warm_forward_s"), warm), "<=", 1.10),
         Ratio("accelerate / hermesd (load+forward)", _div(_med(summary, "accelerate", "total_s"), h_total), ">=", 3),
         Ratio("standard / hermesd (load+forward)", _div(_med(summary, "standard", "total_s"), h_total), ">=", 2),
         Ratio("peak RSS hermesd / standard", _div(peak_h, peak_s), "<=", 0.15),

@@ -1,9 +1,11 @@
 """Memory plans: which stages stay resident, how deep to prefetch, and what that costs in memory.
 
 Peak memory of a streamed run is bounded by
-    runtime (what the process holds before weights) + resident stages
-    + the largest sum of (depth + 1) consecutive streamed stages (the buffer pool)
+    runtime (what the process holds before weights) + resident stages + the buffer pool
     + activations and KV cache for the workload.
+The pool is a ring (see bufferpool). It needs at least the largest sum of (depth + 1) consecutive
+streamed stages (the window). Where the budget allows it gets the smallest size at which its ring
+never holds back prefetch, at most (depth + 1) x the largest stage.
 This module computes that bound and fits a plan under a budget. It is deliberately simple; the
 profiled Pipeline Planner (hermesd.planner) chooses among plans by predicted latency.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from hermesd.bufferpool import smallest_stall_free_ring
 from hermesd.errors import BudgetError
 from hermesd.manifest import Manifest
 from hermesd.units import format_size
@@ -20,7 +23,10 @@ from hermesd.units import format_size
 # Growth of the runtime during the first run (oneDNN primitives, thread pools, allocator caches),
 # measured at 30-60 MiB on GPT-2 and Llama shapes here; rounded up.
 RUNTIME_MARGIN = 96 << 20
-DEFAULT_PREFETCH = 2
+# One stage ahead: on the 2-core development machine, k=1 with a stall-free ring measured faster than
+# k=2 on GPT-2-XL (3.1 vs 3.3 s per cold forward; a second concurrent reader costs more than it hides)
+# and needs 80 MiB less. The profiled planner chooses k per machine and model.
+DEFAULT_PREFETCH = 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class Plan:
     resident: tuple[str, ...]
     streamed: tuple[str, ...]
     pool_bytes: int
+    pool_stall_free: bool
     resident_bytes: int
     activation_bytes: int
     runtime_bytes: int
@@ -99,17 +106,20 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
     depth = DEFAULT_PREFETCH if prefetch is None else max(0, prefetch)
     act = activation_bytes(manifest, workload)
 
-    def make(depth: int, keep: list[str]) -> Plan:
+    def make(depth: int, keep: list[str], roomy: bool = False) -> Plan:
         streamed = [n for n in names if n not in keep]
+        sizes = [read_bytes(n) for n in streamed]
+        pool = window_bytes(sizes, depth)
+        if roomy and sizes:
+            pool = smallest_stall_free_ring(sizes, depth, pool, max(pool, (depth + 1) * max(sizes)))
         return Plan(
             prefetch=depth if streamed else 0, loaders=max(1, min(loaders or depth, depth)) if streamed else 0,
-            resident=tuple(keep), streamed=tuple(streamed),
-            pool_bytes=window_bytes([read_bytes(n) for n in streamed], depth),
+            resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,
             resident_bytes=sum(read_bytes(n) for n in keep), activation_bytes=act,
             runtime_bytes=runtime_bytes + RUNTIME_MARGIN, budget=budget)
 
     if budget is None:
-        return make(depth, chosen)
+        return make(depth, chosen, roomy=True)
     minimum = make(0, pinned)
     if minimum.peak_bound > budget:
         raise BudgetError(budget, minimum.peak_bound, _breakdown(minimum))
@@ -118,7 +128,10 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
     plan = make(depth, chosen)
     if plan.peak_bound > budget:
         raise BudgetError(budget, plan.peak_bound, "the requested resident stages do not fit; " + _breakdown(plan))
-    return plan if fixed else _add_resident(plan, names, make)
+    if not fixed:
+        plan = _add_resident(plan, names, make)
+    roomy = make(plan.prefetch, list(plan.resident), roomy=True)
+    return roomy if roomy.peak_bound <= budget else plan
 
 
 def _add_resident(plan: Plan, names: list[str], make: Callable[[int, list[str]], Plan]) -> Plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 
 from hermesd import memory
 from hermesd.budget import Plan, Workload, fit_plan
-from hermesd.bufferpool import Buffer, BufferPool
+from hermesd.bufferpool import RingPool, map_memory
 from hermesd.manifest import Manifest
 from hermesd.prefetch import Prefetcher
 from hermesd.reader import StageReader
@@ -28,14 +29,14 @@ class Engine:
     """
 
     def __init__(self, store_dir: Path, manifest: Manifest, model: torch.nn.Module, plan: Plan,
-                 reader: StageReader, runtime: StreamRuntime, resident_buffers: list[Buffer]) -> None:
+                 reader: StageReader, runtime: StreamRuntime, resident_memory: list[mmap.mmap]) -> None:
         self.store_dir = store_dir
         self.manifest = manifest
         self.model = model
         self.plan = plan
         self.reader = reader
         self._runtime = runtime
-        self._resident_buffers = resident_buffers
+        self._resident_memory = resident_memory
         self._tokenizer = None
         self._image_processor = None
 
@@ -64,7 +65,7 @@ class Engine:
         """Stop the loader threads and drop the hooks; the model keeps only meta weights."""
         self._runtime.prefetcher.close()
         self._runtime.detach()
-        self._resident_buffers.clear()
+        self._resident_memory.clear()
 
     def __enter__(self) -> "Engine":
         return self
@@ -94,16 +95,16 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
     plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget, prefetch=prefetch,
                     resident=resident, loaders=loaders, workload=workload)
     runtime = StreamRuntime(model, manifest, reader,
-                            Prefetcher(reader, BufferPool(plan.pool_bytes), list(plan.streamed),
+                            Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed),
                                        plan.prefetch, plan.loaders),
                             list(plan.streamed))
-    resident_buffers = [_load_resident(reader, runtime, name) for name in plan.resident]
-    return Engine(store_dir, manifest, model, plan, reader, runtime, resident_buffers)
+    resident_memory = [_load_resident(reader, runtime, name) for name in plan.resident]
+    return Engine(store_dir, manifest, model, plan, reader, runtime, resident_memory)
 
 
-def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> Buffer:
-    """Read a resident stage into a buffer of its own and bind it for good."""
-    buffer = Buffer(reader.span(name))
-    tensors, _ = reader.read(name, buffer)
+def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mmap.mmap:
+    """Read a resident stage into memory of its own (faulted in before the read) and bind it for good."""
+    memory = map_memory(reader.span(name))
+    tensors, _ = reader.read(name, memoryview(memory))
     runtime.bindings[name].bind(tensors)
-    return buffer
+    return memory

@@ -3,7 +3,7 @@
 The compute thread drives everything: it asks for a stage (``acquire``), uses it, and gives it back
 (``release``). After each of those calls the prefetcher tops up its queue: while fewer than ``depth``
 loads are pending and the pool has room, the next stage in execution order is submitted to a loader.
-Buffers are always taken in execution order, so a tight pool cannot deadlock; a stage that is
+Pool regions are always taken in execution order, so a tight pool cannot deadlock; a stage that is
 requested out of order (a model that skips or repeats a module) is loaded on demand.
 """
 
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from hermesd.bufferpool import Buffer, BufferPool
+from hermesd.bufferpool import Region, RingPool
 from hermesd.reader import StageReader
 
 
 @dataclass
 class LoadedStage:
-    """A stage's tensors, the buffer they alias, and when its load ran (perf_counter seconds)."""
+    """A stage's tensors, the pool region they alias, and when its load ran (perf_counter seconds)."""
 
     name: str
     tensors: dict[str, torch.Tensor]
-    buffer: Buffer | None
+    region: Region
     bytes_read: int
     load_start: float
     load_end: float
@@ -36,14 +36,14 @@ class LoadedStage:
 @dataclass
 class _Pending:
     name: str
-    buffer: Buffer
+    region: Region
     future: Future
 
 
 class Prefetcher:
     """Keeps up to ``depth`` loads of upcoming stages in flight on ``loaders`` threads."""
 
-    def __init__(self, reader: StageReader, pool: BufferPool, order: list[str], depth: int, loaders: int) -> None:
+    def __init__(self, reader: StageReader, pool: RingPool, order: list[str], depth: int, loaders: int) -> None:
         self.reader = reader
         self.pool = pool
         self.order = list(order)
@@ -87,14 +87,13 @@ class Prefetcher:
             try:
                 loaded = pending.future.result()
             except BaseException:
-                self.pool.release(pending.buffer)
+                self.pool.release(pending.region)
                 raise
         self._top_up()
         return loaded
 
     def release(self, loaded: LoadedStage) -> None:
-        if loaded.buffer is not None:
-            self.pool.release(loaded.buffer)
+        self.pool.release(loaded.region)
         self._top_up()
 
     def _top_up(self) -> None:
@@ -106,24 +105,24 @@ class Prefetcher:
                     return
                 self._cursor = 0
             name = self.order[self._cursor]
-            buffer = self.pool.try_acquire(self.reader.span(name))
-            if buffer is None:
+            region = self.pool.try_acquire(self.reader.span(name))
+            if region is None:
                 return  # the pool is full: retried when a stage is released
-            future = self._executor.submit(self._load, name, buffer, True)
-            self._pending.append(_Pending(name, buffer, future))
+            future = self._executor.submit(self._load, name, region, True)
+            self._pending.append(_Pending(name, region, future))
             self._cursor += 1
 
-    def _load(self, name: str, buffer: Buffer, prefetched: bool) -> LoadedStage:
+    def _load(self, name: str, region: Region, prefetched: bool) -> LoadedStage:
         started = time.perf_counter()
-        tensors, count = self.reader.read(name, buffer)
-        return LoadedStage(name, tensors, buffer, count, started, time.perf_counter(), prefetched)
+        tensors, count = self.reader.read(name, region.view)
+        return LoadedStage(name, tensors, region, count, started, time.perf_counter(), prefetched)
 
     def _load_now(self, name: str) -> LoadedStage:
-        buffer = self.pool.acquire_overdraft(self.reader.span(name))
+        region = self.pool.acquire_overdraft(self.reader.span(name))
         try:
-            return self._load(name, buffer, prefetched=False)
+            return self._load(name, region, prefetched=False)
         except BaseException:
-            self.pool.release(buffer)
+            self.pool.release(region)
             raise
 
     def _discard(self, count: int) -> None:
@@ -135,4 +134,4 @@ class Prefetcher:
                     pending.future.result()
                 except Exception:
                     pass  # the stage is not used, so neither is its load error
-            self.pool.release(pending.buffer)
+            self.pool.release(pending.region)

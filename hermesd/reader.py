@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hermesd.bufferpool import PAGE, Buffer, round_up
+from hermesd.bufferpool import PAGE, map_memory, round_up
 from hermesd.errors import StageIntegrityError
 from hermesd.manifest import Manifest, StageEntry, TensorEntry
 from hermesd.safetensors_io import ST_TO_TORCH, parse_header, tensor_view
@@ -75,12 +75,11 @@ class StageReader:
         span = round_up(prefix_end) + sum(round_up(t.tensor.nbytes) + 2 * PAGE for t in tied)
         return _StagePlan(entry, prefix_end, tied, span)
 
-    def read(self, name: str, buffer: Buffer) -> tuple[dict[str, torch.Tensor], int]:
-        """Fill ``buffer`` with stage ``name``; return tensor views into it and the bytes read."""
+    def read(self, name: str, view: memoryview) -> tuple[dict[str, torch.Tensor], int]:
+        """Fill ``view`` (page-aligned) with stage ``name``; return tensor views into it and the bytes read."""
         plan = self._plans[name]
-        view = memoryview(buffer.memory)
-        if buffer.capacity < plan.span:
-            raise ValueError(f"buffer of {buffer.capacity} bytes cannot hold stage {name} ({plan.span})")
+        if len(view) < plan.span:
+            raise ValueError(f"region of {len(view)} bytes cannot hold stage {name} ({plan.span})")
         self._read_range(plan.entry, 0, plan.prefix_end, view[: round_up(plan.prefix_end)])
         tensors = self._own_views(plan, view)
         cursor, total = round_up(plan.prefix_end), plan.prefix_end
@@ -179,13 +178,13 @@ class StageReader:
 
     def _probe_direct(self) -> bool:
         """True when the store's filesystem accepts O_DIRECT reads into our aligned buffers."""
-        probe = Buffer(PAGE)
+        probe = map_memory(PAGE)
         try:
             fd = os.open(self.store_dir / self.manifest.stages[0].file, os.O_RDONLY | os.O_DIRECT)
         except OSError:
             return False
         try:
-            os.preadv(fd, [memoryview(probe.memory)], 0)
+            os.preadv(fd, [memoryview(probe)], 0)
             return True
         except OSError:
             return False

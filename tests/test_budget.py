@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hermesd.budget import RUNTIME_MARGIN, Workload, activation_bytes, fit_plan, window_bytes
+from hermesd.bufferpool import ring_stalls
 from hermesd.errors import BudgetError
 from hermesd.manifest import Manifest, StageEntry
 
@@ -34,9 +35,12 @@ def test_window_is_the_largest_run_of_consecutive_stages_wrapping_around():
     assert window_bytes([], 3) == 0 and window_bytes([5, 5], 9) == 10
 
 
-def test_without_a_budget_the_requested_plan_is_used():
+def test_without_a_budget_the_requested_plan_gets_a_stall_free_ring():
     plan = _fit(prefetch=3)
-    assert plan.prefetch == 3 and plan.resident == () and plan.pool_bytes == 60 * MIB
+    assert plan.prefetch == 3 and plan.resident == () and plan.pool_stall_free
+    sizes = list(SIZES.values())
+    assert window_bytes(sizes, 3) <= plan.pool_bytes <= 4 * max(sizes)
+    assert ring_stalls(sizes, 3, plan.pool_bytes) == 0
 
 
 def test_budget_below_the_minimum_names_the_minimum():
@@ -61,9 +65,10 @@ def test_residency_prefers_stages_that_shrink_the_window():
     # Keeping the 30 MiB head resident costs only 10 MiB net (the k=1 window drops from 40 to 20 MiB):
     # 3 bytes saved per byte spent, against 1 for a block or the embedding.
     base = _fit(prefetch=1, resident=[])
-    plan = _fit(budget=base.peak_bound + 12 * MIB, prefetch=1)
+    tight = base.peak_bound - base.pool_bytes + window_bytes(list(SIZES.values()), 1)
+    plan = _fit(budget=tight + 12 * MIB, prefetch=1)
     assert plan.resident == ("head", "embed") and plan.peak_bound <= plan.budget
-    assert _fit(budget=base.peak_bound + 2 * MIB, prefetch=1).resident == ("embed",), "the head no longer fits"
+    assert _fit(budget=tight + 2 * MIB, prefetch=1).resident == ("embed",), "the head no longer fits"
 
 
 def test_activation_estimate_grows_with_tokens():
