@@ -73,7 +73,7 @@ def run_hermesd(args: argparse.Namespace, ids: torch.Tensor, prefetch: int | Non
 
 
 def run_io_only(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
-    """Every stage read once with hermesd's reader on 2 threads (alternate stages), no compute."""
+    """Every stage read once with hermesd's reader on ``--loaders`` threads (alternate stages), no compute."""
     from hermesd.bufferpool import map_memory
     from hermesd.manifest import Manifest
     from hermesd.reader import StageReader
@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--logits-out", type=Path, help="write the last position's logits here (.npy)")
     parser.add_argument("--forwards", type=int, default=3, help="timed forwards of compute-only and hermesd")
-    parser.add_argument("--loaders", type=int, default=2, help="reader threads of io-only")
+    parser.add_argument("--loaders", type=int, default=1,
+                        help="reader threads of io-only (1: one sequential reader, the fastest on the dev disk)")
     parser.add_argument("--cpu-memory", default="1GiB", help="accelerate's max_memory for the CPU")
     return parser
 
