@@ -19,6 +19,7 @@ from hermesd.bufferpool import smallest_stall_free_ring
 from hermesd.errors import BudgetError
 from hermesd.manifest import Manifest
 from hermesd.units import format_size
+from hermesd.workload import Workload
 
 # Growth of the runtime during the first run (oneDNN primitives, thread pools, allocator caches),
 # measured at 30-60 MiB on GPT-2 and Llama shapes here; rounded up.
@@ -27,14 +28,6 @@ RUNTIME_MARGIN = 96 << 20
 # k=2 on GPT-2-XL (3.1 vs 3.3 s per cold forward; a second concurrent reader costs more than it hides)
 # and needs 80 MiB less. The profiled planner chooses k per machine and model.
 DEFAULT_PREFETCH = 1
-
-
-@dataclass(frozen=True)
-class Workload:
-    """The shape of the work memory is planned for."""
-
-    tokens: int = 512  # prompt + generated tokens
-    batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +51,11 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"peak_bound": self.peak_bound}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        fields = {k: v for k, v in data.items() if k != "peak_bound"}
+        return cls(**{**fields, "resident": tuple(fields["resident"]), "streamed": tuple(fields["streamed"])})
 
 
 def window_bytes(sizes: list[int], depth: int) -> int:
@@ -96,7 +94,7 @@ def _first(cfg: dict, *keys: str, default: int) -> int:
 
 def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes: int, *,
              budget: int | None = None, prefetch: int | None = None, resident: list[str] | str | None = None,
-             loaders: int | None = None, workload: Workload = Workload()) -> Plan:
+             loaders: int | None = None, workload: Workload = Workload(prompt_tokens=512)) -> Plan:
     """The plan for these settings; with a budget, the deepest prefetch and most residency that fit."""
     pinned = [s.name for s in manifest.stages if s.kind == "pinned"]
     names = [s.name for s in manifest.stages]

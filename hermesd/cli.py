@@ -65,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_cmd_info)
 
+    profile = commands.add_parser("profile", help="measure each stage's load and compute costs (Layer Profiler)")
+    profile.add_argument("store", type=Path)
+    profile.add_argument("--tokens", type=int, default=128, help="reference prompt length (default 128)")
+    profile.add_argument("--force", action="store_true", help="measure again even if the saved profile is fresh")
+    profile.add_argument("--json", action="store_true")
+    profile.set_defaults(handler=_cmd_profile)
+
+    plan = commands.add_parser("plan", help="choose the fastest plan under a memory budget (Pipeline Planner)")
+    plan.add_argument("store", type=Path)
+    plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB")
+    plan.add_argument("--workload", default="128", help="PROMPT[:NEW[:BATCH]] tokens (default 128)")
+    plan.add_argument("--prefetch", type=int, help="consider only this prefetch depth")
+    plan.add_argument("--explain", action="store_true", help="say why: the bound, marginal value, other budgets")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=_cmd_plan)
+
     run = commands.add_parser("run", help="load a store and run one task")
     run.add_argument("store", type=Path)
     run.add_argument("inputs", nargs="*", help="prompt / texts / image paths (or use --input)")
@@ -144,6 +160,60 @@ def _cmd_info(args: argparse.Namespace) -> int:
         extra = "".join([f" tied:{','.join(stage.tied)}" if stage.tied else "",
                          f" gathered:{','.join(stage.gather)}" if stage.gather else ""])
         print(f"  {stage.name:<40} {stage.kind:<6} {format_size(reader.read_bytes(stage.name)):>10}{extra}")
+    return 0
+
+
+def _fresh_or_new_profile(store: Path, force: bool = False, tokens: int = 128):
+    from hermesd.profiler import load_fresh_profile, profile_path, profile_store
+
+    profile = None if force else load_fresh_profile(store)
+    if profile is None:
+        print(f"profiling {store} (a few passes over the model)…", file=sys.stderr)
+        profile = profile_store(store, reference_tokens=tokens,
+                                progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+        try:
+            profile.save(profile_path(store))
+        except OSError as exc:
+            print(f"hermesd: warning: cannot save the profile: {exc}", file=sys.stderr)
+    return profile
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    profile = _fresh_or_new_profile(args.store, args.force, args.tokens)
+    if args.json:
+        print(json.dumps(asdict(profile)))
+        return 0
+    load_s = sum(s.load_cold_s for s in profile.stages)
+    compute_s = sum(s.compute_prompt_s for s in profile.stages)
+    print(f"{len(profile.stages)} stages: cold load {load_s:.2f} s ({profile.read_direct_gbps:.2f} GB/s direct, "
+          f"{profile.read_buffered_gbps:.2f} GB/s buffered), compute {compute_s:.2f} s for "
+          f"{profile.reference_tokens} tokens; x{profile.interference:.2f} compute while loading")
+    print(f"runtime {format_size(profile.runtime_bytes)}, activations {format_size(profile.activation_fixed_bytes)}"
+          f" + {format_size(profile.activation_bytes_per_token)}/token, KV cache "
+          f"{format_size(profile.kv_bytes_per_token)}/token; measured in {profile.profile_seconds:.1f} s")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hermesd.planner import choose_plan, describe, explain
+    from hermesd.plans import save_plan
+    from hermesd.units import parse_size
+    from hermesd.workload import Workload
+
+    workload = Workload.parse(args.workload)
+    budget = parse_size(args.memory_budget)
+    profile = _fresh_or_new_profile(args.store)
+    depths = range(args.prefetch, args.prefetch + 1) if args.prefetch is not None else range(5)
+    prediction = choose_plan(profile, budget, workload, depths)
+    saved = save_plan(args.store, prediction, workload, profile)
+    lines = explain(profile, prediction, workload) if args.explain else describe(profile, prediction)
+    if args.json:
+        print(json.dumps(prediction.to_dict() | {"saved": str(saved), "explanation": lines}))
+    else:
+        print("\n".join(lines))
+        print(f"saved {saved}; hermesd.load(store, memory_budget={args.memory_budget!r}) will use it")
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hermesd import memory
-from hermesd.budget import Plan, Workload, fit_plan
+from hermesd.budget import Plan, fit_plan
 from hermesd.bufferpool import RingPool, map_memory
 from hermesd.manifest import Manifest
 from hermesd.prefetch import Prefetcher
@@ -19,6 +19,7 @@ from hermesd.runtime import StreamRuntime
 from hermesd.stages import build_skeleton, config_from_dict
 from hermesd.stats import RunStats
 from hermesd.units import parse_size
+from hermesd.workload import Workload
 
 
 class Engine:
@@ -76,7 +77,7 @@ class Engine:
 
 def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = None, prefetch: int | None = None,
          resident: list[str] | str | None = None, loaders: int | None = None, direct_io: bool | None = None,
-         workload: Workload = Workload()) -> Engine:
+         workload: Workload = Workload(prompt_tokens=512), plan: Plan | None = None) -> Engine:
     """Open a store and return an Engine whose ``model`` streams stages under a memory plan.
 
     memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
@@ -85,6 +86,8 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
     resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
     loaders: loader threads (default: one per prefetched stage).
     direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.
+    plan: an explicit plan (from hermesd.planner). With only a budget given, the plan that
+        ``hermesd plan`` saved for that budget is used while the store's profile is fresh.
     """
     store_dir = Path(store_dir)
     manifest = Manifest.load(store_dir)
@@ -92,8 +95,13 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
     model = build_skeleton(manifest.architecture, config, getattr(torch, manifest.dtype))
     reader = StageReader(store_dir, manifest, direct=direct_io)
     budget = parse_size(memory_budget) if memory_budget is not None else None
-    plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget, prefetch=prefetch,
-                    resident=resident, loaders=loaders, workload=workload)
+    if plan is None and budget is not None and prefetch is None and resident is None and loaders is None:
+        from hermesd.plans import saved_plan  # deferred: plans -> profiler -> engine
+
+        plan = saved_plan(store_dir, budget)
+    if plan is None:
+        plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget, prefetch=prefetch,
+                        resident=resident, loaders=loaders, workload=workload)
     runtime = StreamRuntime(model, manifest, reader,
                             Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed),
                                        plan.prefetch, plan.loaders),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from hermesd.budget import RUNTIME_MARGIN, Workload, activation_bytes, fit_plan, window_bytes
+from hermesd.budget import RUNTIME_MARGIN, activation_bytes, fit_plan, window_bytes
 from hermesd.bufferpool import ring_stalls
 from hermesd.errors import BudgetError
+from hermesd.workload import Workload
 from hermesd.manifest import Manifest, StageEntry
 
 MIB = 1 << 20
@@ -24,7 +25,7 @@ SIZES = {"embed": 1 * MIB, "h0": 10 * MIB, "h1": 10 * MIB, "h2": 10 * MIB, "head
 
 def _fit(**kwargs):
     manifest = _manifest(SIZES)
-    return fit_plan(manifest, lambda name: SIZES[name], 100 * MIB, workload=Workload(tokens=8), **kwargs)
+    return fit_plan(manifest, lambda name: SIZES[name], 100 * MIB, workload=Workload(prompt_tokens=8), **kwargs)
 
 
 def test_window_is_the_largest_run_of_consecutive_stages_wrapping_around():
@@ -73,4 +74,4 @@ def test_residency_prefers_stages_that_shrink_the_window():
 
 def test_activation_estimate_grows_with_tokens():
     manifest = _manifest(SIZES)
-    assert activation_bytes(manifest, Workload(tokens=1024)) > 4 * activation_bytes(manifest, Workload(tokens=256))
+    assert activation_bytes(manifest, Workload(prompt_tokens=1024)) > 4 * activation_bytes(manifest, Workload(prompt_tokens=256))

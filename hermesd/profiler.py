@@ -1,0 +1,202 @@
+"""The Layer Profiler: measure each stage's load and compute costs in a few passes over the model.
+
+Passes (each reads the model once, page cache evicted before it):
+1. warm-up: a short prompt (pays one-time kernel and allocator costs; causal LMs keep its KV cache);
+2. causal LMs only: one decode step on that cache, giving each stage's decode compute;
+3. the reference prompt with no prefetch: each stage's cold O_DIRECT load and its compute, apart;
+4. the reference prompt with one stage prefetched: how much compute slows while a loader reads.
+Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hermesd import memory
+from hermesd.engine import Engine, load
+from hermesd.manifest import MANIFEST_NAME, Manifest
+from hermesd.profile_model import Profile, StageCost
+from hermesd.stats import RunStats
+
+PROFILE_NAME = "profile.json"
+BUFFERED_SAMPLE_BYTES = 512 << 20
+ProgressFn = Callable[[str], None]
+
+
+def fingerprint(store_dir: Path) -> dict[str, object]:
+    """What the measurements depend on: machine, software, the store's exact contents, its filesystem."""
+    import transformers
+
+    import hermesd
+
+    return {
+        "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)), "ram_bytes": _mem_total(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "hermesd": hermesd.__version__,
+        "python": platform.python_version(),
+        "store_sha256": hashlib.sha256((store_dir / MANIFEST_NAME).read_bytes()).hexdigest(),
+        "filesystem": _filesystem(store_dir),
+    }
+
+
+def profile_path(store_dir: Path) -> Path:
+    return Path(store_dir) / PROFILE_NAME
+
+
+def load_fresh_profile(store_dir: Path) -> Profile | None:
+    """The saved profile if it exists and its fingerprint still matches; None if missing or stale."""
+    path = profile_path(store_dir)
+    try:
+        saved = Profile.load(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return saved if saved.fingerprint == fingerprint(Path(store_dir)) else None
+
+
+def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128,
+                  progress: ProgressFn | None = None) -> Profile:
+    """Measure a store on this machine; about four passes over the model."""
+    store_dir = Path(store_dir)
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    manifest = Manifest.load(store_dir)
+    with load(store_dir, prefetch=0) as engine:
+        runtime = memory.rss_bytes() - engine.plan.pool_bytes
+        causal = engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
+        baseline = memory.rss_bytes()
+        no_cache = {"use_cache": False} if causal else {}  # the KV cache is planned for separately
+        say("pass 1/4: warm-up")
+        warm_stats, cache = _pass(engine, store_dir, _inputs(engine, 8), **({"use_cache": True} if causal else {}))
+        small_peak = warm_stats.peak_rss_bytes - baseline
+        decode = {}
+        if causal:
+            say("pass 2/4: one decode step")
+            next_token = {"input_ids": torch.ones((1, 1), dtype=torch.long)}
+            step, _ = _pass(engine, store_dir, next_token, past_key_values=cache, use_cache=True)
+            decode = {s.name: s.compute_s for s in step.stages}
+        del cache
+        say(f"pass 3/4: {reference_tokens}-token prompt, no prefetch")
+        alone, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
+        reference_peak = alone.peak_rss_bytes - baseline
+        spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
+        direct = engine.reader.direct
+    say(f"pass 4/4: {reference_tokens}-token prompt while a loader reads")
+    with load(store_dir, prefetch=1) as engine:
+        overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
+    say("buffered read speed")
+    buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
+    per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
+    by_name = {s.name: s for s in alone.stages}
+    stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name])
+              for entry in manifest.stages]
+    read_bytes = sum(s.bytes_read for s in alone.stages)
+    return Profile(
+        fingerprint=fingerprint(store_dir), reference_tokens=reference_tokens, runtime_bytes=runtime,
+        activation_fixed_bytes=int(max(small_peak - 8 * per_token, 0)), activation_bytes_per_token=per_token,
+        kv_bytes_per_token=_kv_bytes_per_token(manifest) if causal else 0,
+        interference=max(1.0, overlapped.compute_s / max(alone.compute_s, 1e-9)),
+        read_direct_gbps=read_bytes / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
+        read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,
+        profile_seconds=time.perf_counter() - started,
+        notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
+
+
+def _pass(engine: Engine, store_dir: Path, inputs: dict, **options) -> tuple[RunStats, object]:
+    """One forward with the store's pages evicted first; returns its stats and any KV cache."""
+    _evict(store_dir)
+    with torch.inference_mode():
+        output = engine.model(**inputs, **options)
+    return engine.stats, getattr(output, "past_key_values", None)
+
+
+def _inputs(engine: Engine, tokens: int) -> dict[str, torch.Tensor]:
+    """Reference inputs: token ids for text models; for image models, ``tokens`` images."""
+    config = engine.model.config
+    if engine.model.main_input_name == "pixel_values":
+        size = config.image_size
+        return {"pixel_values": torch.randn(max(tokens // 64, 1), config.num_channels, size, size)}
+    vocab = getattr(config, "vocab_size", 1000)
+    ids = torch.randint(1, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids}
+
+
+def _stage_cost(entry, stats, decode: dict[str, float], warm_gbps: float, span: int) -> StageCost:
+    load_s = stats.load_s / max(stats.loads, 1) if stats else 0.0
+    return StageCost(name=entry.name, kind=entry.kind, bytes=span, load_cold_s=load_s,
+                     load_warm_s=span / (warm_gbps * 1e9) if warm_gbps else 0.0,
+                     compute_prompt_s=stats.compute_s if stats else 0.0, compute_decode_s=decode.get(entry.name, 0.0))
+
+
+def _kv_bytes_per_token(manifest: Manifest) -> int:
+    cfg = manifest.config
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 0
+    head_dim = cfg.get("head_dim") or hidden // heads
+    element = 4 if manifest.dtype == "float32" else 2
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def _buffered_speeds(store_dir: Path, manifest: Manifest) -> tuple[float, float]:
+    """GB/s of buffered reads of a sample of stage files: cold (from disk), then warm (page cache)."""
+    sample, total = [], 0
+    for entry in sorted(manifest.stages, key=lambda s: -s.bytes):
+        if total >= BUFFERED_SAMPLE_BYTES:
+            break
+        sample.append(store_dir / entry.file)
+        total += entry.bytes
+    _evict(store_dir)
+    speeds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        for path in sample:
+            with open(path, "rb", buffering=0) as handle:
+                while handle.read(16 << 20):
+                    pass
+        speeds.append(total / max(time.perf_counter() - started, 1e-9) / 1e9)
+    _evict(store_dir)
+    return speeds[0], speeds[1]
+
+
+def _evict(store_dir: Path) -> None:
+    for path in (store_dir / "stages").glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        return int(handle.readline().split()[1]) * 1024
+
+
+def _filesystem(path: Path) -> str:
+    """Type of the filesystem holding ``path``, from /proc/mounts (longest matching mount point)."""
+    target, best = str(Path(path).resolve()), ("", "unknown")
+    with open("/proc/mounts", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            point = fields[1]
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
+                best = (point, fields[2])
+    return best[1]

@@ -1,0 +1,110 @@
+"""The Pipeline Planner on synthetic profiles: pure inputs, checked outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hermesd.errors import BudgetError
+from hermesd.planner import choose_plan, explain, minimum_budget, simulate
+from hermesd.profile_model import Profile, StageCost
+from hermesd.workload import Workload
+
+MIB = 1 << 20
+
+
+def _profile(load_s: float, compute_s: float, blocks: int = 8, head_mib: int = 30,
+             interference: float = 1.0) -> Profile:
+    """Embedding (tiny), ``blocks`` blocks of 10 MiB, then a head; costs per stage as given."""
+    stages = [StageCost("embed", "rest", 1 * MIB, 0.001, 0.0005, 0.001)]
+    stages += [StageCost(f"h{i}", "block", 10 * MIB, load_s, load_s / 4, compute_s, compute_s / 20)
+               for i in range(blocks)]
+    stages.append(StageCost("head", "rest", head_mib * MIB, load_s * head_mib / 10, 0.0, compute_s / 2, 0.001))
+    return Profile(fingerprint={}, reference_tokens=128, runtime_bytes=100 * MIB, activation_fixed_bytes=5 * MIB,
+                   activation_bytes_per_token=1024, kv_bytes_per_token=2048, interference=interference,
+                   read_direct_gbps=1.0, read_buffered_gbps=1.0, cores=2, causal=True, stages=stages)
+
+
+def _model_bytes(profile: Profile) -> int:
+    return sum(s.bytes for s in profile.stages)
+
+
+def test_io_bound_latency_is_the_disk_time_plus_the_last_compute():
+    profile = _profile(load_s=0.1, compute_s=0.01)
+    latency, io, compute, _ = simulate(profile, Workload(), set(), depth=2)
+    assert io == pytest.approx(0.001 + 8 * 0.1 + 0.3)
+    assert latency == pytest.approx(io + 0.005, rel=1e-6), "compute hides behind the disk except the head's"
+
+
+def test_compute_bound_latency_is_compute_plus_the_first_load():
+    profile = _profile(load_s=0.01, compute_s=0.1, head_mib=10)
+    latency, io, compute, _ = simulate(profile, Workload(), set(), depth=1)
+    assert compute == pytest.approx(0.001 + 0.8 + 0.05)
+    # The embedding loads (1 ms), then h0's load (10 ms) hides the embedding's compute; after that
+    # every load hides behind a 100 ms block.
+    assert latency == pytest.approx(0.001 + 0.01 + 0.8 + 0.05, rel=1e-6)
+
+
+def test_without_prefetch_loads_and_compute_add_up():
+    profile = _profile(load_s=0.05, compute_s=0.05)
+    latency, io, compute, _ = simulate(profile, Workload(), set(), depth=0)
+    assert latency == pytest.approx(io + compute)
+
+
+def test_io_bound_plan_prefetches_and_budget_buys_resident_stages():
+    profile = _profile(load_s=0.1, compute_s=0.01)
+    tight = choose_plan(profile, minimum_budget(profile, Workload()) + 25 * MIB)
+    roomy = choose_plan(profile, 100 * MIB + _model_bytes(profile) + 64 * MIB)
+    assert tight.plan.prefetch >= 1 and tight.peak_bytes <= tight.plan.budget
+    assert roomy.latency_s < tight.latency_s
+    assert len(roomy.plan.resident) > len(tight.plan.resident)
+
+
+def test_budget_holding_the_whole_model_keeps_everything_resident():
+    for load_s, compute_s in ((0.1, 0.01), (0.01, 0.1)):
+        profile = _profile(load_s, compute_s, interference=1.1)
+        best = choose_plan(profile, 100 * MIB + _model_bytes(profile) + 64 * MIB)
+        assert best.plan.streamed == () and best.plan.pool_bytes == 0
+        assert best.latency_s == pytest.approx(best.compute_s), "no streaming tax at all"
+
+
+def test_residency_goes_first_to_what_loading_would_cost_most():
+    # I/O bound: the 30 MiB head costs 0.3 s to load and its wait is exposed at the end of the pass.
+    profile = _profile(load_s=0.1, compute_s=0.01)
+    plan = choose_plan(profile, minimum_budget(profile, Workload()) + 45 * MIB).plan
+    assert "head" in plan.resident
+
+
+def test_budget_below_minimum_names_the_minimum():
+    profile = _profile(load_s=0.1, compute_s=0.01)
+    minimum = minimum_budget(profile, Workload())
+    assert minimum == 100 * MIB + 30 * MIB + 5 * MIB + 128 * 1024 + 128 * 2048
+    with pytest.raises(BudgetError) as caught:
+        choose_plan(profile, minimum - 1)
+    assert caught.value.minimum == minimum
+
+
+def test_generation_workload_counts_decode_passes_and_kv_cache():
+    profile = _profile(load_s=0.02, compute_s=0.05)
+    budget = minimum_budget(profile, Workload(128, 32)) + 25 * MIB  # room for at most two resident blocks
+    prompt_only = choose_plan(profile, budget, Workload(128, 0))
+    generate = choose_plan(profile, budget, Workload(128, 32))
+    assert generate.latency_s > prompt_only.latency_s + 31 * 6 * 0.02, "every decode pass streams the weights"
+    assert generate.plan.activation_bytes - prompt_only.plan.activation_bytes == 32 * 2048
+    unlimited = choose_plan(profile, None, Workload(128, 32))
+    assert unlimited.plan.streamed == (), "with memory to spare, nothing streams"
+
+
+def test_explain_says_why():
+    profile = _profile(load_s=0.1, compute_s=0.01)
+    prediction = choose_plan(profile, minimum_budget(profile, Workload()) + 40 * MIB)
+    text = "\n".join(explain(profile, prediction, Workload()))
+    assert "bound: I/O" in text and "at half the budget" in text and "at double the budget" in text
+    assert "ms per MiB" in text
+
+
+def test_workload_parsing():
+    assert Workload.parse("128:32") == Workload(128, 32, 1)
+    assert Workload.parse("16:0:4").batch == 4
+    for bad in ["", "x", "0", "1:2:0", "1:2:3:4", "-1"]:
+        with pytest.raises(ValueError):
+            Workload.parse(bad)
