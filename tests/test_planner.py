@@ -50,13 +50,22 @@ def test_without_prefetch_loads_and_compute_add_up():
     assert latency == pytest.approx(io + compute)
 
 
-def test_io_bound_plan_prefetches_and_budget_buys_resident_stages():
+def test_io_bound_budget_buys_resident_stages():
+    # Prefetch can only hide compute, and there is little here: each resident byte is worth more.
     profile = _profile(load_s=0.1, compute_s=0.01)
     tight = choose_plan(profile, minimum_budget(profile, Workload()) + 25 * MIB)
     roomy = choose_plan(profile, 100 * MIB + _model_bytes(profile) + 64 * MIB)
-    assert tight.plan.prefetch >= 1 and tight.peak_bytes <= tight.plan.budget
+    assert tight.peak_bytes <= tight.plan.budget and tight.plan.resident
     assert roomy.latency_s < tight.latency_s
     assert len(roomy.plan.resident) > len(tight.plan.resident)
+
+
+def test_prefetch_pays_when_loads_and_compute_are_balanced():
+    profile = _profile(load_s=0.05, compute_s=0.05, head_mib=10)
+    plan = choose_plan(profile, minimum_budget(profile, Workload()) + 12 * MIB)
+    no_prefetch = choose_plan(profile, minimum_budget(profile, Workload()) + 12 * MIB, depths=range(1))
+    assert plan.plan.prefetch >= 1
+    assert plan.latency_s < 0.7 * no_prefetch.latency_s, "overlap hides about half of the time"
 
 
 def test_budget_holding_the_whole_model_keeps_everything_resident():

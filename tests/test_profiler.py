@@ -1,0 +1,86 @@
+"""The Layer Profiler on a real (small) store, its fingerprint, and saved plans used by load()."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import hermesd
+from hermesd.manifest import Manifest
+from hermesd.planner import choose_plan
+from hermesd.plans import save_plan, saved_plan
+from hermesd.profile_model import Profile
+from hermesd.profiler import fingerprint, load_fresh_profile, profile_path, profile_store
+from hermesd.workload import Workload
+
+
+@pytest.fixture(scope="module")
+def profiled(converted, tmp_path_factory):
+    """A private copy of the GPT-2 test store, profiled once."""
+    import shutil
+
+    store = tmp_path_factory.mktemp("profiled") / "gpt2"
+    shutil.copytree(converted("gpt2").store, store)
+    messages = []
+    profile = profile_store(store, reference_tokens=32, progress=messages.append)
+    profile.save(profile_path(store))
+    return store, profile, messages
+
+
+def test_profile_measures_every_stage(profiled):
+    store, profile, messages = profiled
+    manifest = Manifest.load(store)
+    assert [s.name for s in profile.stages] == [s.name for s in manifest.stages]
+    blocks = [s for s in profile.stages if s.kind == "block"]
+    assert all(s.load_cold_s > 0 and s.compute_prompt_s > 0 and s.compute_decode_s > 0 for s in blocks)
+    assert all(s.bytes >= manifest.stage(s.name).stored_bytes for s in blocks)
+    assert profile.causal and profile.kv_bytes_per_token == 2 * 3 * 64 * 4  # 2 x layers x hidden x fp32
+    assert profile.runtime_bytes > 100 << 20 and profile.interference >= 1.0
+    assert profile.read_direct_gbps > 0 and profile.read_buffered_gbps > 0
+    assert [m.split(":")[0] for m in messages][:4] == ["pass 1/4", "pass 2/4", "pass 3/4", "pass 4/4"]
+
+
+def test_profile_round_trips_and_goes_stale_when_the_store_changes(profiled, tmp_path):
+    store, profile, _ = profiled
+    assert Profile.load(profile_path(store)) == profile
+    assert load_fresh_profile(store) == profile
+    assert set(profile.fingerprint) >= {"cpu", "cores", "ram_bytes", "torch", "transformers", "store_sha256",
+                                        "filesystem"}
+    manifest = store / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text(original.replace('"n_layer": 3', '"n_layer": 3 '))
+    try:
+        assert fingerprint(store)["store_sha256"] != profile.fingerprint["store_sha256"]
+        assert load_fresh_profile(store) is None, "a changed store makes the profile stale"
+    finally:
+        manifest.write_text(original)
+    assert load_fresh_profile(store) == profile
+
+
+def test_load_uses_the_saved_plan_for_its_budget(profiled):
+    store, profile, _ = profiled
+    budget = profile.runtime_bytes + (64 << 20)
+    prediction = choose_plan(profile, budget, Workload(32))
+    save_plan(store, prediction, Workload(32), profile)
+    assert saved_plan(store, budget) == prediction.plan
+    with hermesd.load(store, memory_budget=budget) as engine:
+        assert engine.plan == prediction.plan
+    with hermesd.load(store, prefetch=3) as engine:
+        assert engine.plan.prefetch == 3 and engine.plan.budget is None, "explicit settings bypass saved plans"
+
+
+def test_plan_command_explains_and_refuses_too_small_budgets(profiled):
+    store, profile, _ = profiled
+    run = [sys.executable, "-m", "hermesd.cli", "plan", str(store), "--json", "--explain"]
+    done = subprocess.run(run + ["--memory-budget", str(profile.runtime_bytes + (200 << 20)), "--workload", "32:4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["predicted_peak_bytes"] <= report["plan"]["budget"]
+    assert any(line.startswith("bound:") for line in report["explanation"])
+    assert any("at double the budget" in line for line in report["explanation"])
+    small = subprocess.run(run + ["--memory-budget", "1MiB"], capture_output=True, text=True, timeout=300)
+    assert small.returncode == 1 and "below the minimum" in small.stderr
