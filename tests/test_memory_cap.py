@@ -52,7 +52,8 @@ def test_model_larger_than_the_cap_streams_without_oom(tmp_path):
     store = tmp_path / "store"
     convert(open_source(None, random_config=config), store)
     weights = Manifest.load(store).weight_bytes()
-    assert weights > 600 << 20, "the weights alone must nearly fill the cap, with the runtime on top"
+    # torch + transformers alone take over 300 MiB: the whole model cannot be in memory under the cap.
+    assert weights + (300 << 20) > CAP
 
     out = tmp_path / "logits.npy"
     run = run_capped([sys.executable, "-c", CHILD, str(store), str(out)], CAP)
