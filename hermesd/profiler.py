@@ -80,6 +80,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
             next_token = {"input_ids": torch.ones((1, 1), dtype=torch.long)}
             step, _ = _pass(engine, store_dir, next_token, past_key_values=cache, use_cache=True)
             decode = {s.name: s.compute_s for s in step.stages}
+            small_peak = max(small_peak, step.peak_rss_bytes - baseline)  # a decode step may peak higher
         del cache
         say(f"pass 3/4: {reference_tokens}-token prompt, no prefetch")
         alone, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)

@@ -25,6 +25,34 @@ from hermesd.stats import RunStats, StageStats
 TIMELINE_LIMIT = 20_000  # events kept per run; a long generation stops adding after this
 
 
+def _standard_strides(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Give stage inputs whose size-1 dimensions carry a parent tensor's strides fresh, standard strides.
+
+    ``generate`` slices the last position (``hidden[:, -1:, :]``) before the LM head. The slice
+    counts as contiguous but keeps the batch stride of the whole prompt, and PyTorch's CPU bf16
+    matmul then takes a path that copies the whole weight: measured 2.0 s and +500 MiB for a
+    Llama-1B head, against 33 ms with fresh strides, with bit-identical output. The copy is of the
+    activation (a few KiB), so the model's own code is unchanged.
+    """
+    if not any(_odd_strides(v) for v in (*args, *kwargs.values())):
+        return None
+    return tuple(_restrided(v) for v in args), {k: _restrided(v) for k, v in kwargs.items()}
+
+
+def _odd_strides(value: Any) -> bool:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or not value.is_contiguous():
+        return False
+    expected, step = [], 1
+    for size in reversed(value.shape):
+        expected.append(step)
+        step *= size
+    return tuple(reversed(expected)) != value.stride()
+
+
+def _restrided(value: Any) -> Any:
+    return torch.empty(value.shape, dtype=value.dtype).copy_(value) if _odd_strides(value) else value
+
+
 class StageBinding:
     """The slots of one stage in the model: bind loaded tensors into them, restore meta after use."""
 
@@ -77,6 +105,9 @@ class StreamRuntime:
         self._handles = []
         for name in streamed:
             self._hook_stage(manifest.stage(name))
+        for entry in manifest.stages:
+            module = model.get_submodule(entry.module)
+            self._handles.append(module.register_forward_pre_hook(_standard_strides, with_kwargs=True))
         for entry in manifest.stages:
             for local in entry.gather:
                 self._hook_gather(entry, local)

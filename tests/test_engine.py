@@ -137,3 +137,31 @@ def test_streaming_leaves_no_weights_in_the_page_cache(converted, direct):
     cached = sum(resident_bytes(path) for path in files)
     total = sum(path.stat().st_size for path in files)
     assert cached < 0.01 * total, f"{cached} of {total} bytes stayed in the page cache"
+
+
+def test_stage_inputs_with_a_parents_strides_get_standard_strides():
+    # generate's hidden[:, -1:, :] counts as contiguous but keeps the prompt's batch stride; PyTorch's
+    # CPU bf16 matmul then copies the whole weight (2 s, +500 MiB for a Llama-1B head). Same values.
+    from hermesd.runtime import _standard_strides
+
+    hidden = torch.randn(1, 128, 64, dtype=torch.bfloat16)
+    last = hidden[:, -1:, :]
+    assert last.is_contiguous() and last.stride() == (128 * 64, 64, 1)
+    args, kwargs = _standard_strides(None, (last,), {"other": last, "flag": True})
+    assert args[0].stride() == (64, 64, 1) and kwargs["other"].stride() == (64, 64, 1) and kwargs["flag"] is True
+    assert torch.equal(args[0], last)
+    assert _standard_strides(None, (hidden,), {}) is None, "ordinary inputs pass untouched"
+
+
+def test_bf16_generation_matches_the_full_model_with_restrided_head_inputs(tmp_path):
+    from conftest import make_hf_model
+    from hermesd.convert import convert, open_source
+    import transformers
+
+    _, hf_dir = make_hf_model("llama", tmp_path, dtype=torch.bfloat16)
+    convert(open_source(hf_dir), tmp_path / "store")
+    prompt = _inputs("llama")["input_ids"][:1]
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    want = reference.generate(prompt, max_new_tokens=8, do_sample=False)
+    with hermesd.load(tmp_path / "store", prefetch=1) as engine:
+        assert torch.equal(engine.model.generate(prompt, max_new_tokens=8, do_sample=False), want)
