@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from hermesd.bufferpool import smallest_stall_free_ring
+from hermesd.bufferpool import ring_stalls, smallest_stall_free_ring
 from hermesd.errors import BudgetError
 from hermesd.manifest import Manifest
 from hermesd.units import format_size
@@ -110,6 +110,7 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
         pool = window_bytes(sizes, depth)
         if roomy and sizes:
             pool = smallest_stall_free_ring(sizes, depth, pool, max(pool, (depth + 1) * max(sizes)))
+            roomy = ring_stalls(sizes, depth, pool) == 0
         return Plan(
             prefetch=depth if streamed else 0, loaders=max(1, min(loaders or depth, depth)) if streamed else 0,
             resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except HermesError as exc:
         print(f"hermesd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except ValueError as exc:  # bad sizes, unknown stage names
+    except (ValueError, OSError) as exc:  # bad sizes, unknown stage names; unwritable or full disks
         print(f"hermesd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser("profile", help="measure each stage's load and compute costs (Layer Profiler)")
     profile.add_argument("store", type=Path)
-    profile.add_argument("--tokens", type=int, default=128, help="reference prompt length (default 128)")
+    profile.add_argument("--tokens", type=_at_least(16), default=128, help="reference prompt length (default 128)")
     profile.add_argument("--force", action="store_true", help="measure again even if the saved profile is fresh")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(handler=_cmd_profile)
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("store", type=Path)
     plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB")
     plan.add_argument("--workload", default="128", help="PROMPT[:NEW[:BATCH]] tokens (default 128)")
-    plan.add_argument("--prefetch", type=int, help="consider only this prefetch depth")
+    plan.add_argument("--prefetch", type=_at_least(0), help="consider only this prefetch depth")
     plan.add_argument("--explain", action="store_true", help="say why: the bound, marginal value, other budgets")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_cmd_plan)
@@ -105,9 +105,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", help="process memory budget, e.g. 512MiB (default: none)")
-    parser.add_argument("--prefetch", type=int, help="stages read ahead (k); default 2")
+    parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 1")
     parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
-    parser.add_argument("--loaders", type=int, help="loader threads (default: one per prefetched stage)")
+    parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+    return parse
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -135,7 +135,12 @@ def _replace(partial: Path, dest: Path) -> None:
     if dest.exists():
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
         dest.rename(old)
-    partial.rename(dest)
+    try:
+        partial.rename(dest)
+    except OSError:
+        if old is not None:
+            old.rename(dest)  # put the user's store back
+        raise
     _fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

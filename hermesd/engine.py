@@ -12,6 +12,7 @@ import torch
 from hermesd import memory
 from hermesd.budget import Plan, fit_plan
 from hermesd.bufferpool import RingPool, map_memory
+from hermesd.errors import TaskError
 from hermesd.manifest import Manifest
 from hermesd.prefetch import Prefetcher
 from hermesd.reader import StageReader
@@ -51,7 +52,10 @@ class Engine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.store_dir, local_files_only=True)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.store_dir, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise TaskError(f"{self.store_dir} has no usable tokenizer ({exc}); pass token ids") from None
         return self._tokenizer
 
     @property
@@ -82,7 +86,7 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
 
     memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
         most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
-    prefetch: stages read ahead while one computes (k); default 2.
+    prefetch: stages read ahead while one computes (k); default 1 (see budget.DEFAULT_PREFETCH).
     resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
     loaders: loader threads (default: one per prefetched stage).
     direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,7 @@ class Prefetcher:
             if self.depth > 0 else None
         )
         self._pending: deque[_Pending] = deque()
+        self._draining: list[Future] = []  # discarded loads whose regions free when their reads end
         self._cursor = 0
         self._active = False
         self._wrap = False
@@ -61,18 +62,25 @@ class Prefetcher:
 
     def start(self, wrap: bool) -> None:
         """Begin a run; with ``wrap`` the schedule continues into the next forward pass (generation)."""
+        self._drain()
         self._active, self._wrap, self._cursor = True, wrap, 0
         self._top_up()
 
     def stop(self) -> None:
-        """End a run: wait for loads in flight and return their buffers."""
+        """End a run: loads still queued are dropped; their regions free as their reads end."""
         self._active = False
         self._discard(len(self._pending))
 
     def close(self) -> None:
         self.stop()
+        self._drain()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def _drain(self) -> None:
+        """Wait until every discarded read has ended, so the whole ring is free again."""
+        wait(self._draining)
+        self._draining.clear()
 
     def acquire(self, name: str) -> LoadedStage:
         """Stage ``name`` loaded: from the queue if it was prefetched, else read now."""
@@ -87,7 +95,7 @@ class Prefetcher:
             try:
                 loaded = pending.future.result()
             except BaseException:
-                self.pool.release(pending.region)
+                self._release_when_done(pending)  # an interrupt can arrive while the read still runs
                 raise
         self._top_up()
         return loaded
@@ -126,12 +134,13 @@ class Prefetcher:
             raise
 
     def _discard(self, count: int) -> None:
-        """Drop the first ``count`` pending loads (skipped stages), waiting for reads in progress."""
+        """Drop the first ``count`` pending loads (skipped or no longer needed stages)."""
         for _ in range(count):
             pending = self._pending.popleft()
-            if not pending.future.cancel():
-                try:
-                    pending.future.result()
-                except Exception:
-                    pass  # the stage is not used, so neither is its load error
-            self.pool.release(pending.region)
+            pending.future.cancel()
+            self._release_when_done(pending)
+
+    def _release_when_done(self, pending: _Pending) -> None:
+        """Free a pending load's region, but never while a loader may still be writing into it."""
+        self._draining.append(pending.future)
+        pending.future.add_done_callback(lambda _: self.pool.release(pending.region))

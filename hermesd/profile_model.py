@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROFILE_VERSION = 2  # 2: activation peak includes the decode step
+PROFILE_VERSION = 3  # 2: activation peak includes decode; 3: decode compute from a second step
 
 
 @dataclass(frozen=True)

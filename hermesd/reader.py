@@ -128,6 +128,8 @@ class StageReader:
             fd = os.open(path, flags)
         except FileNotFoundError:
             raise StageIntegrityError(entry.name, entry.file, "file is missing") from None
+        except OSError as exc:
+            raise StageIntegrityError(entry.name, entry.file, f"cannot open: {exc.strerror}") from None
         stat = os.fstat(fd)
         if stat.st_size != entry.bytes:
             os.close(fd)
@@ -193,13 +195,18 @@ class StageReader:
 
 
 def _pread_full(fd: int, target: memoryview, offset: int) -> int:
-    """Positioned reads until ``target`` is full or the file ends; returns bytes read."""
+    """Positioned reads until ``target`` is full or the file ends; returns bytes read.
+
+    A read shorter than asked means the end of the file: asking again would be an unaligned
+    O_DIRECT read, which some filesystems refuse.
+    """
     done = 0
     while done < len(target):
-        count = os.preadv(fd, [target[done : done + CHUNK]], offset + done)
-        if count == 0:
-            break
+        asked = min(CHUNK, len(target) - done)
+        count = os.preadv(fd, [target[done : done + asked]], offset + done)
         done += count
+        if count < asked:
+            break
     return done
 
 

@@ -50,7 +50,7 @@ def _odd_strides(value: Any) -> bool:
 
 
 def _restrided(value: Any) -> Any:
-    return torch.empty(value.shape, dtype=value.dtype).copy_(value) if _odd_strides(value) else value
+    return value.clone(memory_format=torch.contiguous_format) if _odd_strides(value) else value
 
 
 class StageBinding:
@@ -118,12 +118,15 @@ class StreamRuntime:
             model.generate = self._wrap_generate(self._original_generate)
 
     def detach(self) -> None:
-        """Remove every hook (the model is left with meta weights)."""
+        """Remove every hook and unbind every stage (the model is left with meta weights)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for binding in self.bindings.values():
+            binding.unbind()
         if self._original_generate is not None:
             del self.model.generate
+            self._original_generate = None
 
     # -- runs ---------------------------------------------------------------------------------
     def _wrap_generate(self, original):
@@ -139,6 +142,8 @@ class StreamRuntime:
         return generate
 
     def _root_pre(self, module: nn.Module, args: tuple) -> None:
+        if self._run_owner == "forward":
+            self._end()  # the previous forward was interrupted (torch skips always_call hooks on KeyboardInterrupt)
         if self._run_owner is None:
             self._begin("forward", wrap=False)
         self._stats.passes += 1
@@ -157,15 +162,17 @@ class StreamRuntime:
         self.prefetcher.start(wrap=wrap)
 
     def _end(self) -> None:
-        for name in list(self._held):
-            self._stage_post(name)  # a forward that raised may leave stages bound
-        self.prefetcher.stop()
         stats = self._stats
-        stats.wall_s = time.perf_counter() - self._t0
-        stats.peak_rss_bytes = memory.peak_rss_bytes()
-        stats.pool_high_water_bytes = self.prefetcher.pool.high_water
-        stats.stages = list(self._by_name.values())
-        self.last_stats, self._stats, self._run_owner = stats, None, None
+        try:
+            for name in list(self._held):
+                self._stage_post(name)  # a forward that raised may leave stages bound
+            self.prefetcher.stop()
+        finally:
+            stats.wall_s = time.perf_counter() - self._t0
+            stats.peak_rss_bytes = memory.peak_rss_bytes()
+            stats.pool_high_water_bytes = self.prefetcher.pool.high_water
+            stats.stages = list(self._by_name.values())
+            self.last_stats, self._stats, self._run_owner = stats, None, None
 
     # -- stages -------------------------------------------------------------------------------
     def _hook_stage(self, entry: StageEntry) -> None:
@@ -175,6 +182,8 @@ class StreamRuntime:
         self._handles.append(module.register_forward_hook(lambda m, a, o: self._stage_post(name), always_call=True))
 
     def _stage_pre(self, name: str) -> None:
+        if name in self._held:  # still bound from an interrupted pass: give its region back first
+            self._stage_post(name)
         asked = time.perf_counter()
         loaded = self.prefetcher.acquire(name)
         self.bindings[name].bind(loaded.tensors)

@@ -43,9 +43,9 @@ class Verifier:
         self._lock = threading.Lock()
         try:
             loaded = json.loads((store_dir / VERIFIED_NAME).read_text(encoding="utf-8"))
-            self._trusted = {k: list(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            self._trusted = {}
+            self._trusted = {k: list(v) for k, v in loaded.items() if isinstance(v, list) and len(v) == 4}
+        except (OSError, ValueError, AttributeError):
+            self._trusted = {}  # a cache: when unreadable, files are simply hashed again
 
     def needs_hash(self, relative: str, stat: os.stat_result) -> bool:
         with self._lock:
