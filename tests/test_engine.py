@@ -165,3 +165,26 @@ def test_bf16_generation_matches_the_full_model_with_restrided_head_inputs(tmp_p
     want = reference.generate(prompt, max_new_tokens=8, do_sample=False)
     with hermesd.load(tmp_path / "store", prefetch=1) as engine:
         assert torch.equal(engine.model.generate(prompt, max_new_tokens=8, do_sample=False), want)
+
+
+def test_an_interrupted_forward_leaves_the_engine_usable(converted):
+    model = converted("gpt2")
+    inputs = _inputs("gpt2")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt  # torch skips always_call hooks for it: stages stay bound, the run open
+
+    with torch.inference_mode():
+        want = model.reference()(**inputs).logits
+    engine = hermesd.load(model.store, prefetch=2)
+    handle = engine.model.transformer.h[1].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode():
+        engine.model(**inputs)
+    handle.remove()
+    with torch.inference_mode():
+        got = engine.model(**inputs).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert engine.stats.on_demand_loads == 0 and engine.reader is not None
+    assert engine._runtime.prefetcher.pool.overdrafts == 0, "the interrupted run's regions were all given back"
+    engine.close()
+    engine.close()  # closing twice is harmless
