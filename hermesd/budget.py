@@ -4,8 +4,8 @@ Peak memory of a streamed run is bounded by
     runtime (what the process holds before weights) + resident stages + the buffer pool
     + activations and KV cache for the workload.
 The pool is a ring (see bufferpool). It needs at least the largest sum of (depth + 1) consecutive
-streamed stages (the window). Where the budget allows it gets the smallest size at which its ring
-never holds back prefetch, at most (depth + 1) x the largest stage.
+streamed stages (the window), which is what it gets without a budget. With a budget that allows it,
+it gets the smallest size at which it never holds back prefetch, at most (depth + 1) x the largest stage.
 This module computes that bound and fits a plan under a budget. It is deliberately simple; the
 profiled Pipeline Planner (hermesd.planner) chooses among plans by predicted latency.
 """
@@ -24,10 +24,12 @@ from hermesd.workload import Workload
 # Growth of the runtime during the first run (oneDNN primitives, thread pools, allocator caches),
 # measured at 30-60 MiB on GPT-2 and Llama shapes here; rounded up.
 RUNTIME_MARGIN = 96 << 20
-# One stage ahead: on the 2-core development machine, k=1 with a stall-free ring measured faster than
-# k=2 on GPT-2-XL (3.1 vs 3.3 s per cold forward; a second concurrent reader costs more than it hides)
-# and needs 80 MiB less. The profiled planner chooses k per machine and model.
-DEFAULT_PREFETCH = 1
+# Two stages ahead on the bare window ring. Three alternating GPT-2-XL benchmark runs had k=2 ahead of
+# k=1 every time (3.07/3.45/3.22 s vs 3.16/4.21/3.54 s): a deeper queue absorbs disk jitter. An A/B
+# of ring sizes gave waits of 0.10 s (stall-free ring, 541 MiB), 0.15 s (window, 424 MiB) and 0.24 s
+# (k=1), with peaks of ~960, ~845 and ~900 MiB. Without a budget the lean window wins; with one the
+# planner weighs the roomier ring.
+DEFAULT_PREFETCH = 2
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,9 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
         sizes = [read_bytes(n) for n in streamed]
         pool = window_bytes(sizes, depth)
         if roomy and sizes:
-            pool = smallest_stall_free_ring(sizes, depth, pool, max(pool, (depth + 1) * max(sizes)))
-            roomy = ring_stalls(sizes, depth, pool) == 0
+            ring = smallest_stall_free_ring(sizes, depth, pool, max(pool, (depth + 1) * max(sizes)))
+            roomy = ring_stalls(sizes, depth, ring) == 0  # none may exist within the bound
+            pool = ring if roomy else pool
         return Plan(
             prefetch=depth if streamed else 0, loaders=max(1, min(loaders or depth, depth)) if streamed else 0,
             resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,
@@ -118,7 +121,7 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
             runtime_bytes=runtime_bytes + RUNTIME_MARGIN, budget=budget)
 
     if budget is None:
-        return make(depth, chosen, roomy=True)
+        return make(depth, chosen)
     minimum = make(0, pinned)
     if minimum.peak_bound > budget:
         raise BudgetError(budget, minimum.peak_bound, _breakdown(minimum))

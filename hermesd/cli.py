@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", help="process memory budget, e.g. 512MiB (default: none)")
-    parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 1")
+    parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 2")
     parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
     parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")
 

@@ -86,7 +86,7 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
 
     memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
         most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
-    prefetch: stages read ahead while one computes (k); default 1 (see budget.DEFAULT_PREFETCH).
+    prefetch: stages read ahead while one computes (k); default 2 (see budget.DEFAULT_PREFETCH).
     resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
     loaders: loader threads (default: one per prefetched stage).
     direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.

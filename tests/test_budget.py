@@ -36,12 +36,20 @@ def test_window_is_the_largest_run_of_consecutive_stages_wrapping_around():
     assert window_bytes([], 3) == 0 and window_bytes([5, 5], 9) == 10
 
 
-def test_without_a_budget_the_requested_plan_gets_a_stall_free_ring():
+def test_without_a_budget_the_requested_depth_gets_the_lean_window_ring():
     plan = _fit(prefetch=3)
-    assert plan.prefetch == 3 and plan.resident == () and plan.pool_stall_free
+    assert plan.prefetch == 3 and plan.resident == () and not plan.pool_stall_free
+    assert plan.pool_bytes == window_bytes(list(SIZES.values()), 3) == 60 * MIB
+
+
+def test_a_budget_with_room_buys_the_stall_free_ring_where_one_exists():
     sizes = list(SIZES.values())
-    assert window_bytes(sizes, 3) <= plan.pool_bytes <= 4 * max(sizes)
-    assert ring_stalls(sizes, 3, plan.pool_bytes) == 0
+    plan = _fit(prefetch=2, resident=[], budget=500 * MIB)
+    assert plan.pool_stall_free and plan.pool_bytes == 61 * MIB > window_bytes(sizes, 2)
+    assert ring_stalls(sizes, 2, plan.pool_bytes) == 0
+    # At k=1 no ring up to 2 x the 30 MiB head avoids every stall: the plan keeps the bare window.
+    lean = _fit(prefetch=1, resident=[], budget=500 * MIB)
+    assert not lean.pool_stall_free and lean.pool_bytes == window_bytes(sizes, 1) == 40 * MIB
 
 
 def test_budget_below_the_minimum_names_the_minimum():
