@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from hermesd.profiler import cpu_model
+
 FINCORE = "/usr/bin/fincore"
 STDERR_TAIL = 4000  # characters of a failed child's stderr kept in the results
 
@@ -131,7 +133,7 @@ def median(values: Iterable[float]) -> float | None:
 def machine_facts() -> dict[str, Any]:
     """CPU model, cores, memory, kernel, date and package versions, for the record."""
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "mem_total_gib": round(_meminfo_kib("MemTotal") / 2**20, 1),
@@ -140,17 +142,6 @@ def machine_facts() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "versions": {pkg: _version(pkg) for pkg in ("hermesd", "torch", "transformers", "accelerate", "safetensors")},
     }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _meminfo_kib(field: str) -> int:

@@ -38,7 +38,7 @@ def fingerprint(store_dir: Path) -> dict[str, object]:
     import hermesd
 
     return {
-        "cpu": _cpu_model(), "cores": len(os.sched_getaffinity(0)), "ram_bytes": _mem_total(),
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "ram_bytes": _mem_total(),
         "torch": torch.__version__, "transformers": transformers.__version__, "hermesd": hermesd.__version__,
         "python": platform.python_version(),
         "store_sha256": hashlib.sha256((store_dir / MANIFEST_NAME).read_bytes()).hexdigest(),
@@ -178,7 +178,8 @@ def _evict(store_dir: Path) -> None:
             os.close(fd)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
