@@ -19,7 +19,10 @@ EXIT_ERROR = 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
+    if argv[:1] == ["bench"]:  # the suite parses its own options (and --help)
+        return _guarded(_cmd_bench, argparse.Namespace(bench_args=argv[1:]))
     # Inputs of `run` may follow its options ("run STORE --task generate PROMPT"), which plain
     # parse_args refuses for a nargs="*" positional: collect the leftovers as inputs.
     args, extra = parser.parse_known_args(argv)
@@ -27,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.inputs = list(args.inputs) + extra
+    return _guarded(args.handler, args)
+
+
+def _guarded(handler, args: argparse.Namespace) -> int:
+    """Run a command; expected failures become one line on stderr and an exit code, never a traceback."""
     try:
-        return args.handler(args)
+        return handler(args)
     except HermesError as exc:
         print(f"hermesd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -100,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print result, stats and plan as JSON")
     run.add_argument("--timeline", action="store_true", help="with --json: include per-stage load/compute times")
     run.set_defaults(handler=_cmd_run)
+
+    commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
+                                      "hermesd bench --help)")
     return parser
 
 
@@ -247,6 +258,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(_human_result(args.task, result))
             print(stats.summary(), file=sys.stderr)
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Hand over to ``bench/cli.py`` of the source checkout this package was installed from (editable)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / "cli.py").is_file():
+        raise HermesError("hermesd bench needs a source checkout (pip install -e .); bench/ was not found")
+    sys.path.insert(0, str(checkout))
+    from bench.cli import main as bench_main
+
+    return bench_main(args.bench_args)
 
 
 def _task_params(args: argparse.Namespace) -> dict[str, Any]:
