@@ -15,9 +15,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
-
-from hermesd.profiler import cpu_model
+from typing import Any, Callable, Iterable, Sequence
 
 FINCORE = "/usr/bin/fincore"
 STDERR_TAIL = 4000  # characters of a failed child's stderr kept in the results
@@ -82,21 +80,24 @@ def emit_json_line(result: dict[str, Any]) -> None:
 
 
 def run_json_child(cmd: Sequence[str], timeout: float, cwd: str | os.PathLike[str] | None = None,
-                   env: dict[str, str] | None = None) -> dict[str, Any]:
+                   env: dict[str, str] | None = None,
+                   preexec_fn: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run ``cmd``; return the JSON object of its last JSON stdout line, or a failure record.
 
-    A failure record has ``ok: False``, an ``error`` and the tail of the child's stderr; the caller
-    goes on with its other runs.
+    A failure record has ``ok: False``, an ``error``, the ``returncode`` (negative: killed by that
+    signal) and the tail of the child's stderr; the caller goes on with its other runs.
+    ``preexec_fn`` runs in the child before exec (e.g. joining a capped cgroup).
     """
     started = time.perf_counter()
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                              preexec_fn=preexec_fn)
     except subprocess.TimeoutExpired as exc:
         return _failure(f"timed out after {timeout:.0f} s", _text(exc.stderr), started)
     result = _last_json_line(proc.stdout)
     if proc.returncode != 0 or result is None:
         why = f"exit status {proc.returncode}" if proc.returncode else "no JSON line on stdout"
-        return _failure(why, proc.stderr, started)
+        return _failure(why, proc.stderr, started) | {"returncode": proc.returncode}
     result.setdefault("ok", True)
     result["child_wall_s"] = time.perf_counter() - started
     return result
@@ -130,8 +131,19 @@ def median(values: Iterable[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def proc_read_bytes() -> int:
+    """Bytes this process (all its threads) caused to be read from storage (``read_bytes`` of /proc/self/io)."""
+    with open("/proc/self/io", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def machine_facts() -> dict[str, Any]:
     """CPU model, cores, memory, kernel, date and package versions, for the record."""
+    from hermesd.profiler import cpu_model  # deferred: children run by other interpreters import this module
+
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),

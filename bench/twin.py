@@ -75,6 +75,10 @@ def export_twin(store_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
         total += sum(t.numel() * t.element_size() for t in renamed.values())
         del tensors, renamed
     (partial / "config.json").write_text(json.dumps(manifest.config, indent=2), encoding="utf-8")
+    for name in manifest.files:  # tokenizer / processor files, so tools that insist on them find them
+        if (store_dir / name).is_file() and not name.endswith(".safetensors"):
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(store_dir / name, partial / name)
     index = {"metadata": {"total_size": total, MARKER: _manifest_digest(store_dir)}, "weight_map": weight_map}
     (partial / INDEX_NAME).write_text(json.dumps(index, indent=2), encoding="utf-8")
     os.replace(partial, out_dir)
@@ -88,14 +92,15 @@ def verify_twin(store_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     Raises AssertionError on missing or unexpected keys, an untied head, or any differing tensor.
     """
     import torch
+    import transformers
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from hermesd.manifest import Manifest
 
     started = time.perf_counter()
     manifest = Manifest.load(store_dir)
-    model, info = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, output_loading_info=True)
+    model_class = getattr(transformers, manifest.architecture)  # the class the store was made from
+    model, info = model_class.from_pretrained(out_dir, dtype=getattr(torch, manifest.dtype), output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"twin loads with problems: {problems}"
     state = model.state_dict()
