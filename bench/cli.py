@@ -58,7 +58,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch threads in every contender (default: usable cores, %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run (default %(default)s)")
     parser.add_argument("--uncapped", action="store_true", help="run without cgroup caps even where they work")
+    parser.add_argument("--replot", type=Path, metavar="SUITE_JSON",
+                        help="only redraw the plots of a finished run (its suite.json) into --plots")
     return parser
+
+
+def replot(suite_json: Path, folder: Path) -> list[str]:
+    """Draw the plots again from a finished run's ``suite.json`` (no benchmark runs)."""
+    document = json.loads(suite_json.read_text(encoding="utf-8"))
+    return make_plots(document["scenarios"], document["outcomes"], folder)
 
 
 def _plan_text(prepared: Prepared) -> str:
@@ -112,7 +120,7 @@ def make_plots(results: list[dict[str, Any]], outcomes: list[dict[str, Any]], fo
         name = result["scenario"]
         if outcome["sweep"]:
             written.append(str(plots.latency_vs_budget(budget_points(result, outcome), folder / f"{name}-latency-vs-cap.png",
-                                                       f"{result['title']}: latency vs memory cap")))
+                                                       f"{name} ({result['workload']}): latency vs memory cap")))
         hermesd_runs = [r for r in outcome["runs"] if r["name"] == "hermesd" and r.get("ok")
                         and r.get("stats", {}).get("timeline")]
         if hermesd_runs:
@@ -133,6 +141,13 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"hermesd bench: {exc}", file=sys.stderr)
         return 2
+    if args.replot:
+        reason = plots.available()
+        if reason:
+            print(f"hermesd bench: {reason}", file=sys.stderr)
+            return 1
+        print("\n".join(replot(args.replot, args.plots or args.replot.parent)))
+        return 0
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = args.results / f"suite-{stamp}{'-quick' if args.quick else ''}"

@@ -73,6 +73,22 @@ def cpu_steal_s() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
+def cpu_busy_s() -> float:
+    """Seconds of CPU time all CPUs spent busy so far (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) children."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def emit_json_line(result: dict[str, Any]) -> None:
     """Print ``result`` as the single JSON line a child reports to the driver."""
     sys.__stdout__.write(json.dumps(result) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cgroup
-from bench.harness import cpu_steal_s, make_cold, run_json_child
+from bench.harness import children_cpu_s, cpu_busy_s, cpu_steal_s, make_cold, run_json_child
 from bench.prepare import REPO_ROOT, Prepared, ensure_airllm_split, plans_for
 from bench.scenarios import BOUNDS
 
@@ -99,7 +99,7 @@ def run_one(name: str, prepared: Prepared, options: Options, cap: int, plans: di
         result = base | {"ok": False, "error": cmd}
     else:
         resident = make_cold(prepared.weight_files())
-        steal = cpu_steal_s()
+        steal, busy, mine = cpu_steal_s(), cpu_busy_s(), children_cpu_s()
         if capped:
             with cgroup.MemoryGroup(cap) as group:
                 result = run_json_child(cmd, options.timeout, cwd=REPO_ROOT, preexec_fn=group.join)
@@ -107,7 +107,10 @@ def run_one(name: str, prepared: Prepared, options: Options, cap: int, plans: di
             result.update(cgroup_peak_bytes=record.peak_bytes, oom_kills=record.oom_kills)
         else:
             result = run_json_child(cmd, options.timeout, cwd=REPO_ROOT)
-        result.update(base, resident_before_bytes=resident, steal_s=cpu_steal_s() - steal)
+        # CPU time other processes on this machine used meanwhile: the noise behind a slow run.
+        foreign = (cpu_busy_s() - busy) - (children_cpu_s() - mine)
+        result.update(base, resident_before_bytes=resident, steal_s=cpu_steal_s() - steal,
+                      foreign_cpu_s=max(foreign, 0.0))
     (folder / f"{tag}-{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(progress(prepared.scenario.name, result), file=options.log, flush=True)
     return result
@@ -123,7 +126,8 @@ def progress(scenario: str, result: dict[str, Any]) -> str:
              f"decode {result['decode_tokens_per_s']:.2f} tok/s" if result.get("decode_tokens_per_s") else "",
              f"peak {result.get('peak_rss_bytes', 0) / MIB:,.0f} MiB",
              f"cgroup {result['cgroup_peak_bytes'] / MIB:,.0f} MiB" if result.get("cgroup_peak_bytes") else "",
-             f"cache before {result.get('resident_before_bytes', 0)} B"]
+             f"cache before {result.get('resident_before_bytes', 0)} B",
+             f"others' CPU {result['foreign_cpu_s']:.1f} s" if "foreign_cpu_s" in result else ""]
     return f"{where} " + "; ".join(p for p in parts if p)
 
 

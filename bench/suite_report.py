@@ -24,7 +24,7 @@ class Comparison(Ratio):
 MIB = 1 << 20
 METRICS = ("total_s", "latency_s", "load_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s",
            "items_per_s", "peak_rss_bytes", "cgroup_peak_bytes", "bytes_read", "streamed_bytes", "bytes_per_pass",
-           "gb_per_s")
+           "gb_per_s", "foreign_cpu_s")
 START = "<!-- hermesd-bench:start -->"
 END = "<!-- hermesd-bench:end -->"
 
@@ -154,6 +154,10 @@ def scenario_section(result: dict[str, Any]) -> str:
             f"pipeline efficiency {_num(extra.get('efficiency'), 3)}"]
     if extra.get("decode_tokens_per_s_read_bound"):
         bits.append(f"read-bound decode {_num(extra['decode_tokens_per_s_read_bound'])} tok/s")
+    foreign = [e["foreign_cpu_s"] for e in result["summary"].values() if e.get("foreign_cpu_s") is not None]
+    if foreign:
+        bits.append(f"CPU used by other processes during a run: median over contenders {median(foreign):.1f} s, "
+                    f"worst contender median {max(foreign):.1f} s")
     lines.append("- " + "; ".join(bits))
     lines += [r.line() for r in result["ratio_objects"]]
     lines.append(f"- {agreement(result['summary'])}")

@@ -66,3 +66,11 @@ def test_run_json_child_runs_preexec_in_the_child(tmp_path: Path) -> None:
 def test_median_and_process_counters() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0 and median([]) is None
     assert vm_hwm_bytes() > 0 and proc_read_bytes() >= 0
+
+
+def test_cpu_counters_see_a_childs_work() -> None:
+    from bench.harness import children_cpu_s, cpu_busy_s
+
+    busy, kids = cpu_busy_s(), children_cpu_s()
+    run_json_child([sys.executable, "-c", "import json; sum(range(3_000_000)); print(json.dumps({}))"], timeout=60)
+    assert children_cpu_s() > kids and cpu_busy_s() >= busy
