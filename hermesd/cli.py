@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeline", action="store_true", help="with --json: include per-stage load/compute times")
     run.set_defaults(handler=_cmd_run)
 
+    serve = commands.add_parser("serve", help="run the daemon: jobs from a ZeroMQ socket (systemd Type=notify)")
+    serve.add_argument("--config", type=Path, help="TOML config (default: $HERMESD_CONFIG or "
+                                                   "/etc/hermesd/hermesd.toml)")
+    serve.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
+    serve.set_defaults(handler=_cmd_serve)
+
     commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
                                       "hermesd bench --help)")
     return parser
@@ -257,6 +263,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             print(_human_result(args.task, result))
             print(stats.summary(), file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from hermesd.config import ConfigError, load_settings
+    from hermesd.server import EX_CONFIG, serve
+
+    if not args.check:
+        return serve(args.config)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"hermesd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(f"config ok: {len(settings.models)} model(s) ({', '.join(settings.models)}), "
+          f"endpoint {settings.resolved_endpoint()}, state {settings.resolved_state_dir()}")
     return 0
 
 

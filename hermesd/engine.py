@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,7 +31,7 @@ class Engine:
     """
 
     def __init__(self, store_dir: Path, manifest: Manifest, model: torch.nn.Module, plan: Plan,
-                 reader: StageReader, runtime: StreamRuntime, resident_memory: list[mmap.mmap]) -> None:
+                 reader: StageReader, runtime: StreamRuntime, resident_memory: dict[str, mmap.mmap]) -> None:
         self.store_dir = store_dir
         self.manifest = manifest
         self.model = model
@@ -46,6 +46,42 @@ class Engine:
     def stats(self) -> RunStats:
         """Statistics of the last completed run (a forward call or a whole generate call)."""
         return self._runtime.last_stats
+
+    def set_checkpoint(self, checkpoint: Callable[[str], None] | None) -> None:
+        """Call ``checkpoint(stage_name)`` before each stage of each run (None removes it).
+
+        An exception raised there ends the run cleanly; the daemon uses it for cancels, deadlines and
+        watchdog pauses between stages.
+        """
+        self._runtime.checkpoint = checkpoint
+
+    @property
+    def resident_now(self) -> list[str]:
+        """Stages held in memory right now (the plan's resident set, less any shed)."""
+        return sorted(self._resident_memory)
+
+    def shed_resident(self) -> int:
+        """Release every resident stage's memory; they load on demand until ``restore_resident``.
+
+        Call between stages or runs (the daemon's checkpoint). Returns the number of stages released.
+        """
+        names = list(self._resident_memory)
+        for name in names:
+            self._runtime.resident.discard(name)
+            self._runtime.bindings[name].unbind()
+            del self._resident_memory[name]  # the last reference: the mapping is unmapped
+        return len(names)
+
+    def restore_resident(self) -> int:
+        """Read the plan's resident stages back into memory; returns how many were loaded."""
+        missing = [name for name in self.plan.resident if name not in self._resident_memory]
+        for name in missing:
+            self._resident_memory[name] = _load_resident(self.reader, self._runtime, name)
+        return len(missing)
+
+    def pause_prefetch(self, paused: bool) -> None:
+        """With ``paused`` no new read-ahead starts: stages load on demand (k drops to 0) until resumed."""
+        self._runtime.prefetcher.paused = paused
 
     @property
     def tokenizer(self) -> Any:
@@ -110,7 +146,7 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
                             Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed),
                                        plan.prefetch, plan.loaders),
                             list(plan.streamed))
-    resident_memory = [_load_resident(reader, runtime, name) for name in plan.resident]
+    resident_memory = {name: _load_resident(reader, runtime, name) for name in plan.resident}
     return Engine(store_dir, manifest, model, plan, reader, runtime, resident_memory)
 
 
@@ -119,4 +155,5 @@ def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mm
     memory = map_memory(reader.span(name))
     tensors, _ = reader.read(name, memoryview(memory))
     runtime.bindings[name].bind(tensors)
+    runtime.resident.add(name)
     return memory

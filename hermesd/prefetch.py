@@ -86,8 +86,9 @@ class Prefetcher:
         """Stage ``name`` loaded: from the queue if it was prefetched, else read now."""
         position = next((i for i, p in enumerate(self._pending) if p.name == name), None)
         if position is None:
-            self._discard(len(self._pending))
-            loaded = self._load_now(name)
+            if name in self.order:  # the schedule moved on (a skipped stage or a new pass): drop stale loads
+                self._discard(len(self._pending))
+            loaded = self._load_now(name)  # a shed resident stage leaves the schedule alone
             self._cursor = self.order.index(name) + 1 if name in self.order else self._cursor
         else:
             self._discard(position)

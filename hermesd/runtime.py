@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -103,11 +103,14 @@ class StreamRuntime:
         self._run_owner: str | None = None
         self._t0 = 0.0
         self._handles = []
-        for name in streamed:
-            self._hook_stage(manifest.stage(name))
+        self.checkpoint: Callable[[str], None] | None = None
+        self.resident: set[str] = set()  # stages bound for good: their hooks let them be
+        for entry in manifest.stages:  # resident stages too, so that they can be shed under memory pressure
+            self._hook_stage(entry)
         for entry in manifest.stages:
             module = model.get_submodule(entry.module)
             self._handles.append(module.register_forward_pre_hook(_standard_strides, with_kwargs=True))
+            self._handles.append(module.register_forward_pre_hook(self._checkpoint_hook(entry.name), prepend=True))
         for entry in manifest.stages:
             for local in entry.gather:
                 self._hook_gather(entry, local)
@@ -174,6 +177,17 @@ class StreamRuntime:
             stats.stages = list(self._by_name.values())
             self.last_stats, self._stats, self._run_owner = stats, None, None
 
+    def _checkpoint_hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        """A pre-hook that calls ``self.checkpoint(name)`` before the stage loads or runs.
+
+        The daemon sets ``checkpoint`` to apply cancels, deadlines and watchdog pauses between stages;
+        an exception it raises ends the run cleanly (regions returned, prefetch stopped).
+        """
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.checkpoint is not None:
+                self.checkpoint(name)
+        return hook
+
     # -- stages -------------------------------------------------------------------------------
     def _hook_stage(self, entry: StageEntry) -> None:
         module = self.model.get_submodule(entry.module)
@@ -182,6 +196,8 @@ class StreamRuntime:
         self._handles.append(module.register_forward_hook(lambda m, a, o: self._stage_post(name), always_call=True))
 
     def _stage_pre(self, name: str) -> None:
+        if name in self.resident:
+            return
         if name in self._held:  # still bound from an interrupted pass: give its region back first
             self._stage_post(name)
         asked = time.perf_counter()

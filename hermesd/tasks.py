@@ -48,21 +48,60 @@ def _require(condition: bool, message: str) -> None:
         raise TaskError(message)
 
 
+MAX_INPUTS = 256  # texts or images in one job
+
+
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
              on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused."""
-    params = dict(params or {})
+    params = check_params(task, params or {})
     if task == "generate":
-        if "stop" in params and isinstance(params["stop"], (list, tuple)):
-            params["stop"] = tuple(params["stop"])
         return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token)
     if task == "embed":
-        return embed(engine, inputs, **_known(params, "normalize", "pooling"))
+        return embed(engine, inputs, **params)
     if task == "classify":
-        return classify(engine, inputs, **_known(params, "top_k"))
-    if task == "forward":
-        return forward(engine, inputs)
-    raise TaskError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+        return classify(engine, inputs, **params)
+    return forward(engine, inputs)
+
+
+def check_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Validate a task's parameters without a model (the daemon does this before accepting a job).
+
+    Returns the parameters normalised (``stop`` as a tuple); raises TaskError naming the problem.
+    """
+    _require(task in TASKS, f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    params = dict(params)
+    if task == "generate":
+        if isinstance(params.get("stop"), (list, tuple)):
+            params["stop"] = tuple(params["stop"])
+        _build(GenerateParams, params)
+    elif task == "embed":
+        _known(params, "normalize", "pooling")
+        _embed_options(params.get("normalize", False), params.get("pooling", "mean"))
+    elif task == "classify":
+        _known(params, "top_k")
+        _require(isinstance(params.get("top_k", 5), int) and params.get("top_k", 5) >= 1,
+                 "top_k must be a positive integer")
+    else:
+        _known(params)
+    return params
+
+
+def check_inputs(task: str, inputs: Any) -> None:
+    """Validate a task's inputs by shape and type, without a model; raises TaskError."""
+    if task == "generate":
+        if isinstance(inputs, list):
+            _require(0 < len(inputs) <= MAX_INPUTS and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+                for m in inputs), "chat messages must be a non-empty list of {role, content} strings")
+        else:
+            _require(isinstance(inputs, str) and inputs != "", "prompt must be a non-empty string")
+    elif task == "forward" and isinstance(inputs, list) and inputs and all(isinstance(r, list) for r in inputs):
+        _require(len(inputs) <= MAX_INPUTS and all(r and all(isinstance(t, int) and t >= 0 for t in r)
+                                                   for r in inputs),
+                 "token ids must be non-empty lists of non-negative integers")
+    else:
+        _require(len(_texts(inputs)) <= MAX_INPUTS, f"at most {MAX_INPUTS} inputs per job")
 
 
 def _build(cls: type, params: dict[str, Any]) -> Any:
@@ -171,8 +210,7 @@ class _TokenCounter:
 def embed(engine: Engine, inputs: str | list[str], normalize: bool = False, pooling: str = "mean") -> dict[str, Any]:
     """One vector per input text: mean (default) or CLS pooling of the last hidden states."""
     texts = _texts(inputs)
-    _require(pooling in ("mean", "cls"), "pooling must be 'mean' or 'cls'")
-    _require(isinstance(normalize, bool), "normalize must be true or false")
+    _embed_options(normalize, pooling)
     encoded = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.inference_mode():
         output = engine.model(**encoded, output_hidden_states=True)
@@ -186,6 +224,11 @@ def embed(engine: Engine, inputs: str | list[str], normalize: bool = False, pool
     if normalize:
         vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
     return {"embeddings": vectors.float().tolist(), "dimensions": int(vectors.shape[-1])}
+
+
+def _embed_options(normalize: Any, pooling: Any) -> None:
+    _require(pooling in ("mean", "cls"), "pooling must be 'mean' or 'cls'")
+    _require(isinstance(normalize, bool), "normalize must be true or false")
 
 
 # -- classify -------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+"""``hermes``: submit jobs to hermesd from scripts and shells.
+
+Exit codes scripts can test:
+    0   success
+    1   the daemon refused the request or the job failed (the error code is printed)
+    2   usage error
+    3   the job was cancelled
+    69  the daemon did not answer (EX_UNAVAILABLE)
+    75  temporary refusal: busy, overheated, memory pressure, shutting down (EX_TEMPFAIL: retry later)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from hermes_client.client import Client, default_endpoint
+from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, TryLater
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 0, 1, 2, 3, 69, 75
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.endpoint, timeout=args.timeout, retries=args.retries) as client:
+            return args.handler(client, args)
+    except DaemonUnreachable as exc:
+        return _fail(args, EXIT_UNAVAILABLE, "unreachable", str(exc))
+    except TryLater as exc:
+        return _fail(args, EXIT_TEMPFAIL, exc.code, exc.message, exc.job_id)
+    except ServerError as exc:
+        return _fail(args, EXIT_ERROR, exc.code, exc.message, exc.job_id)
+    except JobCancelled as exc:
+        return _fail(args, EXIT_CANCELLED, "cancelled", str(exc), exc.job_id)
+    except TimeoutError as exc:
+        return _fail(args, EXIT_UNAVAILABLE, "timeout", str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(args: argparse.Namespace, status: int, code: str, message: str, job_id: str | None = None) -> int:
+    if args.json:
+        print(json.dumps({"error": {"code": code, "message": message, "job_id": job_id}}))
+    else:
+        print(f"hermes: {code}: {message}" + (f" (job {job_id})" if job_id else ""), file=sys.stderr)
+    return status
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command; only the top level sets defaults (argparse would
+    otherwise let a subcommand's default overwrite a value given before the command)."""
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--endpoint", default=default(default_endpoint()),
+                        help="daemon endpoint (default: $HERMES_ENDPOINT or ipc:///run/hermesd/hermesd.sock)")
+    common.add_argument("--timeout", type=float, default=default(10.0),
+                        help="seconds to wait for each reply (default 10)")
+    common.add_argument("--retries", type=int, default=default(3), help="resends before giving up (default 3)")
+    common.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hermes", description="submit jobs to the hermesd daemon",
+                                     parents=[_common_options(defaults=True)])
+    common = _common_options(defaults=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    job_options = argparse.ArgumentParser(add_help=False)
+    job_options.add_argument("--model", required=True, help="model name from the daemon's config")
+    job_options.add_argument("--priority", type=int, default=0, help="0..9, higher runs first")
+    job_options.add_argument("--deadline", type=float, help="seconds the job may take from now, queue included")
+    job_options.add_argument("--wait", type=float, help="seconds to wait for the result (default: forever)")
+    job_options.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    job_options.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                             help="a task parameter (JSON value), repeatable")
+
+    generate = commands.add_parser("generate", parents=[common, job_options], help="generate text")
+    generate.add_argument("prompt", nargs="+")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--progress", action="store_true", help="report tokens as they are generated (stderr)")
+    generate.set_defaults(handler=_cmd_job, task="generate")
+
+    embed = commands.add_parser("embed", parents=[common, job_options], help="embed texts")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--normalize", action="store_true")
+    embed.set_defaults(handler=_cmd_job, task="embed")
+
+    classify = commands.add_parser("classify", parents=[common, job_options],
+                                   help="classify texts or image paths the daemon can read")
+    classify.add_argument("inputs", nargs="+")
+    classify.set_defaults(handler=_cmd_job, task="classify")
+
+    for name, handler, help_text in (("status", _cmd_status, "daemon state, queue, memory, temperature"),
+                                     ("models", _cmd_models, "configured models and their plans"),
+                                     ("ping", _cmd_ping, "check that the daemon answers")):
+        commands.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
+    job = commands.add_parser("job", parents=[common], help="a job's state and result, by id")
+    job.add_argument("job_id")
+    job.set_defaults(handler=_cmd_show_job)
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=_cmd_cancel)
+    return parser
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"hermes: --param wants KEY=VALUE, got {item!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value  # a bare word is a string
+    for key in ("max_new_tokens", "temperature", "seed"):
+        if getattr(args, key, None) is not None:
+            params[key] = getattr(args, key)
+    if getattr(args, "normalize", False):
+        params["normalize"] = True
+    return params
+
+
+def _inputs(args: argparse.Namespace) -> Any:
+    if args.task == "generate":
+        return " ".join(args.prompt)
+    return list(args.texts if args.task == "embed" else args.inputs)
+
+
+def _cmd_job(client: Client, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    job = client.submit(args.task, args.model, _inputs(args), _params(args), priority=args.priority,
+                        deadline_s=args.deadline, progress=getattr(args, "progress", False))
+    if args.no_wait:
+        print(json.dumps({"job_id": job.id, "position": job.position}) if args.json else job.id)
+        return EXIT_OK
+    for event in job.progress(args.wait):
+        if not args.json:
+            print(f"\r{event.get('tokens', 0)} tokens, {event.get('stages', 0)} stages", end="", file=sys.stderr)
+    if getattr(args, "progress", False) and not args.json:
+        print(file=sys.stderr)
+    result = job.result()
+    if args.json:
+        print(json.dumps({"job_id": job.id, "result": result}))
+        return EXIT_OK
+    print(_human(args.task, result))
+    stats = result.get("stats", {})
+    print(f"job {job.id}: {time.monotonic() - started:.2f} s end to end, run {stats.get('wall_s', 0):.2f} s, "
+          f"peak RSS {stats.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", file=sys.stderr)
+    return EXIT_OK
+
+
+def _human(task: str, result: dict[str, Any]) -> str:
+    if task == "generate":
+        return result["text"]
+    if task == "embed":
+        return "\n".join(f"[{len(v)} dims] " + " ".join(f"{x:+.4f}" for x in v[:8]) + " …"
+                         for v in result["embeddings"])
+    return "\n".join(", ".join(f"{p['label']} {p['score']:.3f}" for p in row) for row in result["labels"])
+
+
+def _cmd_status(client: Client, args: argparse.Namespace) -> int:
+    status = client.status()
+    if args.json:
+        print(json.dumps(status))
+        return EXIT_OK
+    current = status.get("current_job")
+    print(f"{status['state']}: {status['queued']} queued, "
+          f"{'running ' + current['id'] + ' (' + current['model'] + ' ' + current['task'] + ')' if current else 'idle'}")
+    print(f"memory: rss {status['memory']['rss_bytes'] / 2**20:.0f} MiB")
+    for line in status.get("watchdogs", {}).get("lines", []):
+        print(line)
+    print(f"jobs: {status['jobs']}")
+    return EXIT_OK
+
+
+def _cmd_models(client: Client, args: argparse.Namespace) -> int:
+    models = client.models()
+    if args.json:
+        print(json.dumps(models))
+        return EXIT_OK
+    for model in models:
+        print(f"{model['name']}: {model['architecture']} {model['plan_summary']}")
+    return EXIT_OK
+
+
+def _cmd_ping(client: Client, args: argparse.Namespace) -> int:
+    reply = client.ping()
+    print(json.dumps(reply) if args.json else f"hermesd {reply.get('version')} up {reply.get('uptime_s', 0):.0f} s")
+    return EXIT_OK
+
+
+def _cmd_show_job(client: Client, args: argparse.Namespace) -> int:
+    record = client.job(args.job_id)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"{record['id']}: {record['state']} ({record['model']} {record['task']})")
+        if record.get("error"):
+            print(f"error: {record['error']['code']}: {record['error']['message']}")
+        elif record.get("result") is not None:
+            print(_human(record["task"], record["result"]))
+    return EXIT_OK
+
+
+def _cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    cancelled = client.cancel(args.job_id)
+    if args.json:
+        print(json.dumps({"job_id": args.job_id, "cancelled": cancelled}))
+    else:
+        print(f"{args.job_id}: {'cancel requested' if cancelled else 'already ended'}")
+    return EXIT_OK if cancelled else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

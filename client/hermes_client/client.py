@@ -1,0 +1,257 @@
+"""``Client``: submit jobs to hermesd over ZeroMQ and wait for their results.
+
+Requests follow the zguide's Lazy Pirate pattern: send, poll for the reply with a timeout, and on
+silence close the socket, reconnect and resend, a bounded number of times. Submits carry a client job
+id, so a resent submit finds the job it already created instead of queueing a second one.
+
+Job results are pushed by the daemon to the socket that submitted them. A reconnect gives the client a
+new identity, and the daemon cannot reach the old one; ``Job.result`` therefore also asks for the job's
+record when the socket has been quiet for a while, and the daemon keeps results for a retention period.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import time
+import uuid
+from typing import Any, Iterator
+
+import zmq
+
+from hermes_client import protocol
+from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
+from hermes_client.protocol import FINAL, ErrorCode, JobState, Op, Reply
+
+DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
+ENDPOINT_ENV = "HERMES_ENDPOINT"
+STATUS_POLL_S = 2.0  # a job quiet for this long is looked up by id (its push may have gone to an old socket)
+
+
+def default_endpoint() -> str:
+    """``$HERMES_ENDPOINT``, else the daemon's default ipc socket under /run/hermesd."""
+    return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+
+
+class Client:
+    """A connection to one hermesd endpoint. Not thread-safe: use one Client per thread.
+
+    timeout: seconds to wait for each reply before retrying; retries: resends before giving up
+    with DaemonUnreachable.
+    """
+
+    def __init__(self, endpoint: str | None = None, timeout: float = 10.0, retries: int = 3,
+                 context: zmq.Context | None = None) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self.retries = retries
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._rids = itertools.count(1)
+        self._events: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(collections.deque)
+        self._connect()
+
+    # -- connection ---------------------------------------------------------------------------
+    def _connect(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(self.endpoint)
+        self._socket = socket
+
+    def _reconnect(self) -> None:
+        self._socket.close(linger=0)
+        self._connect()
+
+    def close(self) -> None:
+        """Close the socket; pending results stay with the daemon, fetchable by job id."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- messages -----------------------------------------------------------------------------
+    def _send(self, message: dict[str, Any]) -> None:
+        """Send without blocking: a message waits in the socket until the daemon connects; if the
+        socket's queue is full it is dropped, the caller's poll times out and the Lazy Pirate loop
+        reconnects and resends."""
+        try:
+            self._socket.send_multipart([b"", protocol.pack(message)], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _receive(self, timeout: float) -> dict[str, Any] | None:
+        """The next message within ``timeout`` seconds, or None."""
+        if not self._socket.poll(max(0, int(timeout * 1000))):
+            return None
+        frames = self._socket.recv_multipart()
+        try:
+            return protocol.unpack(frames[-1], max_bytes=1 << 30)
+        except protocol.DecodeError:
+            return None
+
+    def request(self, op: Op | str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its reply (Lazy Pirate: resend on silence, reconnecting).
+
+        Job pushes that arrive meanwhile are kept for their Job handles. Error replies raise ServerError.
+        """
+        op = Op(op).value
+        for attempt in range(self.retries + 1):
+            rid = next(self._rids)
+            self._send({"op": op, "rid": rid, **fields})
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                reply = self._receive(left)
+                if reply is None:
+                    break
+                if reply.get("rid") == rid:
+                    if reply.get("type") == Reply.ERROR.value:
+                        raise server_error(reply)
+                    return reply
+                self._keep_event(reply)
+            if attempt < self.retries:
+                self._reconnect()
+        raise DaemonUnreachable(f"no reply from {self.endpoint} after {self.retries + 1} tries "
+                                f"of {self.timeout:g} s")
+
+    def _keep_event(self, message: dict[str, Any]) -> None:
+        job_id = message.get("job_id")
+        if isinstance(job_id, str) and message.get("type") in (Reply.PROGRESS.value, *FINAL):
+            self._events[job_id].append(message)
+
+    # -- API ----------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        """The daemon's version and uptime."""
+        return self.request(Op.PING)
+
+    def status(self) -> dict[str, Any]:
+        """Daemon status: state, queue, current job, memory, temperature, watchdogs."""
+        return self.request(Op.STATUS)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The configured models with their plans and task defaults."""
+        return self.request(Op.MODELS)["models"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """A job's record: state, and its result or error once it has ended."""
+        return self.request(Op.JOB, job_id=job_id)["job"]
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask to cancel a job; True if it was still queued or running."""
+        return bool(self.request(Op.CANCEL, job_id=job_id)["cancelled"])
+
+    def submit(self, task: str, model: str, inputs: Any, params: dict[str, Any] | None = None, *,
+               priority: int = 0, deadline_s: float | None = None, client_job_id: str | None = None,
+               progress: bool = False) -> "Job":
+        """Queue a job and return its handle. Refusals (unknown model, bad params, busy) raise ServerError."""
+        fields: dict[str, Any] = {"task": task, "model": model, "inputs": inputs, "params": params or {},
+                                  "priority": priority, "client_job_id": client_job_id or uuid.uuid4().hex,
+                                  "progress": progress}
+        if deadline_s is not None:
+            fields["deadline_s"] = deadline_s
+        reply = self.request(Op.SUBMIT, **fields)
+        return Job(self, reply["job_id"], fields["client_job_id"], reply.get("position", 0))
+
+    def generate(self, model: str, prompt: str | list[dict[str, str]], timeout: float | None = None,
+                 **params: Any) -> dict[str, Any]:
+        """Generate text and wait for it: {"text", "tokens", "finish_reason", "stats", ...}."""
+        return self.submit("generate", model, prompt, params).result(timeout)
+
+    def embed(self, model: str, texts: str | list[str], timeout: float | None = None,
+              **params: Any) -> dict[str, Any]:
+        """Embed texts and wait: {"embeddings": [[float]], "stats", ...}."""
+        return self.submit("embed", model, texts, params).result(timeout)
+
+    def classify(self, model: str, inputs: str | list[str], timeout: float | None = None,
+                 **params: Any) -> dict[str, Any]:
+        """Classify texts (or image paths the daemon can read) and wait: {"labels": [[{label, score}]]}."""
+        return self.submit("classify", model, inputs, params).result(timeout)
+
+    # -- job events -----------------------------------------------------------------------------
+    def _next_event(self, job_id: str, timeout: float) -> dict[str, Any] | None:
+        """The next progress or final message of a job within ``timeout``, looking it up when quiet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._events[job_id]:
+                return self._events[job_id].popleft()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            message = self._receive(min(left, STATUS_POLL_S))
+            if message is not None:
+                self._keep_event(message)
+                continue
+            record = self.job(job_id)
+            if record["state"] in protocol.ENDED:
+                return _final_from_record(record)
+
+
+class Job:
+    """A submitted job: wait for its result, follow its progress, or cancel it."""
+
+    def __init__(self, client: Client, job_id: str, client_job_id: str, position: int) -> None:
+        self.client = client
+        self.id = job_id
+        self.client_job_id = client_job_id
+        self.position = position
+        self._final: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def progress(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield progress messages ({"tokens", "stages"}) until the job ends (then see ``result``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._final is None:
+            left = STATUS_POLL_S if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"job {self.id} still running after {timeout:g} s")
+            event = self.client._next_event(self.id, left)
+            if event is None:
+                continue
+            if event["type"] == Reply.PROGRESS.value:
+                yield event
+            else:
+                self._final = event
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.progress()
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the job's end: its result, or JobFailed / JobCancelled / TimeoutError."""
+        for _ in self.progress(timeout):
+            pass
+        final = self._final
+        if final["type"] == Reply.CANCELLED.value:
+            raise JobCancelled(self.id)
+        if final["type"] == Reply.ERROR.value:
+            raise server_error(final, final=True)
+        return final["result"]
+
+    def cancel(self) -> bool:
+        """Ask the daemon to cancel this job; True if it was still queued or running."""
+        return self.client.cancel(self.id)
+
+    def status(self) -> dict[str, Any]:
+        """The job's record as the daemon has it now."""
+        return self.client.job(self.id)
+
+
+def _final_from_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The final message a job's record stands for (used when its push was lost)."""
+    job_id, state = record["id"], record["state"]
+    if state == JobState.DONE.value:
+        return {"type": Reply.RESULT.value, "job_id": job_id, "result": record["result"]}
+    if state == JobState.CANCELLED.value:
+        return {"type": Reply.CANCELLED.value, "job_id": job_id}
+    error = record.get("error") or {}
+    return {"type": Reply.ERROR.value, "job_id": job_id, "code": error.get("code", ErrorCode.INTERNAL.value),
+            "message": error.get("message", "")}
+
+
+__all__ = ["Client", "Job", "ServerError", "default_endpoint"]

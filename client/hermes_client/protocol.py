@@ -1,0 +1,143 @@
+"""The hermesd wire protocol, defined once: imported by the client and by the daemon.
+
+Transport: a ZeroMQ ROUTER socket in the daemon; clients use DEALER sockets. Every message is one
+msgpack map in one frame (after an empty delimiter frame, as REQ sockets send it). Maps carry:
+
+    v    protocol version (PROTOCOL_VERSION)
+    op   the request verb (requests) -- or --  type: the reply kind (replies)
+    rid  a request id chosen by the client, echoed in every reply to that request
+
+Requests (``op``): submit, job, cancel, status, models, ping. Replies (``type``): accepted, progress,
+result, error, cancelled, job, status, models, pong. Every accepted job ends with exactly one final
+reply: result, error or cancelled. docs/PROTOCOL.md describes each field.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: far above any prompt, far below what hurts an edge device
+MAX_NESTING = 16                     # deeper containers are refused before they reach a handler
+MAX_ITEMS = 4096                     # elements of any one list or map in a message
+
+
+class Op(str, enum.Enum):
+    """Request verbs."""
+
+    SUBMIT = "submit"
+    JOB = "job"
+    CANCEL = "cancel"
+    STATUS = "status"
+    MODELS = "models"
+    PING = "ping"
+
+
+class Reply(str, enum.Enum):
+    """Reply kinds. RESULT, ERROR and CANCELLED end a job (FINAL)."""
+
+    ACCEPTED = "accepted"
+    PROGRESS = "progress"
+    RESULT = "result"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    JOB = "job"
+    STATUS = "status"
+    MODELS = "models"
+    PONG = "pong"
+
+
+FINAL = frozenset({Reply.RESULT.value, Reply.ERROR.value, Reply.CANCELLED.value})
+
+
+class Task(str, enum.Enum):
+    GENERATE = "generate"
+    EMBED = "embed"
+    CLASSIFY = "classify"
+    FORWARD = "forward"
+
+
+class JobState(str, enum.Enum):
+    """A job's life: queued -> running -> done | failed | cancelled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED = frozenset({JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value})
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes: scripts may branch on them; the message is for humans."""
+
+    BAD_REQUEST = "bad_request"            # not msgpack, not a map, wrong field types, missing fields
+    UNSUPPORTED_VERSION = "unsupported_version"
+    TOO_LARGE = "too_large"                # message or output over a limit
+    UNKNOWN_OP = "unknown_op"
+    UNKNOWN_TASK = "unknown_task"
+    UNKNOWN_MODEL = "unknown_model"
+    INVALID_PARAMS = "invalid_params"      # refused before queueing, or by the task when it starts
+    BUSY = "busy"                          # the queue is full: retry later
+    NOT_FOUND = "not_found"                # no such job (or its result has expired)
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    TASK_FAILED = "task_failed"            # the model could not run the job (e.g. a damaged store)
+    OVERHEATED = "overheated"              # the device is too hot to take new jobs
+    MEMORY_PRESSURE = "memory_pressure"    # the device is short of memory
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+# Upper bounds on submit fields, checked by the daemon before a job is accepted.
+PRIORITY_RANGE = (0, 9)                   # higher runs first
+MAX_CLIENT_JOB_ID = 128                   # characters
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    """Encode one message (a map with the protocol version added)."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, **message}, use_bin_type=True)
+
+
+class DecodeError(ValueError):
+    """A frame that is not a well-formed protocol message; ``code`` says why."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def unpack(frame: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Decode one frame into a map, refusing oversize, malformed, deeply nested or non-map data."""
+    if len(frame) > max_bytes:
+        raise DecodeError(ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes is over the {max_bytes}-byte limit")
+    try:
+        message = msgpack.unpackb(
+            frame, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=max_bytes, max_bin_len=max_bytes,
+            max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc or type(exc).__name__}") from None
+    if not isinstance(message, dict):
+        raise DecodeError(ErrorCode.BAD_REQUEST, "a message must be a msgpack map")
+    if _depth(message) > MAX_NESTING:
+        raise DecodeError(ErrorCode.BAD_REQUEST, f"message nested deeper than {MAX_NESTING} levels")
+    return message
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """Nesting depth of lists and maps, stopping early once past MAX_NESTING."""
+    if level > MAX_NESTING or not isinstance(value, (list, dict)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+def error(code: ErrorCode, message: str, **fields: Any) -> dict[str, Any]:
+    """An error reply body."""
+    return {"type": Reply.ERROR.value, "code": code.value, "message": message, **fields}

@@ -1,0 +1,480 @@
+"""The daemon: ``hermesd serve``. STARTING -> READY -> DRAINING -> STOPPED.
+
+The main thread owns the ROUTER socket and the journal and never waits on inference: it answers
+requests, journals and queues jobs, forwards the executor's events as replies, and on each tick pings
+the systemd watchdog (only while the executor makes progress), updates STATUS= and applies the
+watchdogs. Signal handlers only record the signal; the loop acts on it (SIGTERM/SIGINT: drain and
+stop; SIGHUP: re-read the config).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from hermes_client import protocol
+from hermes_client.protocol import ErrorCode, JobState, Op, Reply
+from hermesd import __version__, logs
+from hermesd.config import ConfigError, Settings, load_settings
+from hermesd.executor import Event, Executor
+from hermesd.hosting import ModelHost, open_model
+from hermesd.jobs import JobQueue, QueuedJob, Refused, validate_submit
+from hermesd.journal import Journal, JobRecord
+from hermesd.notify import Notifier
+from hermesd.status import DaemonView, status_line, status_reply
+from hermesd.watch import Watchdogs
+
+log = logging.getLogger("hermesd.server")
+EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
+TICK_S = 0.25
+BATCH = 64                 # requests handled per loop turn before the outbox gets its turn
+SHUTDOWN_GRACE_S = 5.0     # after the drain timeout: how long an interrupted job may take to stop
+PURGE_EVERY_S = 600.0
+STARTUP_EXTEND_S = 600.0   # EXTEND_TIMEOUT_USEC per model loaded (profiling can take minutes)
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class AlreadyRunning(Exception):
+    """Another hermesd holds the state directory's lock."""
+
+
+class Daemon:
+    """One hermesd process: its settings, models, journal, queue, executor and sockets."""
+
+    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.state = State.STARTING
+        self.started = time.monotonic()
+        self.notifier = Notifier()
+        self.hosts: dict[str, ModelHost] = {}
+        self.queue = JobQueue(settings.queue_size)
+        self.running: dict[str, QueuedJob] = {}  # job id -> the job the executor holds
+        self.watchdogs = Watchdogs(settings)
+        self._signals: list[int] = []
+        self._drain_deadline = 0.0
+        self._shutdown_sent = False
+        self._last_purge = 0.0
+        self._stall_warned = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, serve until stopped, shut down; returns the exit status."""
+        try:
+            self.startup()
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EX_CONFIG
+        except AlreadyRunning as exc:
+            log.error("%s", exc)
+            return EX_SOFTWARE
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+        return EX_OK
+
+    def startup(self) -> None:
+        state_dir = self.settings.resolved_state_dir()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(state_dir / "hermesd.lock")
+        self.journal = Journal(state_dir / "journal.sqlite3")
+        self.journal.purge(self.settings.result_retention_s)
+        for name, model in self.settings.models.items():
+            self.notifier.extend_timeout(STARTUP_EXTEND_S, f"loading model {name}")
+            log.info("loading model %s from %s", name, model.store)
+            self.hosts[name] = open_model(name, model, progress=lambda text: self.notifier.extend_timeout(
+                STARTUP_EXTEND_S, text))
+        self._restore_jobs()
+        self._bind()
+        self.executor = Executor(self.queue, self.hosts, self._wake, self.settings.progress_interval_s)
+        self.executor.start()
+        self._install_signals()
+        self.state = State.READY
+        self.notifier.ready(self._status_line())
+        log.info("ready on %s: %d model(s), %d job(s) queued", self.endpoints, len(self.hosts), len(self.queue))
+
+    def _restore_jobs(self) -> None:
+        """Queue again what was queued or running when the daemon last stopped (crash or restart)."""
+        for record in self.journal.unfinished():
+            if record.state == JobState.RUNNING.value and record.attempts >= self.settings.max_attempts:
+                message = f"the daemon stopped during this job {record.attempts} times; not trying again"
+                self.journal.finish(record.id, JobState.FAILED, error=(ErrorCode.TASK_FAILED.value, message))
+                log.error("job %s given up: %s", record.id, message)
+                continue
+            if record.state == JobState.RUNNING.value:
+                self.journal.requeue(record.id)
+                log.warning("job %s was running when the daemon stopped; running it again", record.id)
+            self.queue.put(QueuedJob(record), force=True)
+
+    def _bind(self) -> None:
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        for option, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.MAXMSGSIZE, self.settings.max_message_bytes),
+                              (zmq.LINGER, 1000), (zmq.SNDHWM, 10_000)):
+            self.router.setsockopt(option, value)
+        if self.settings.heartbeat_s > 0:
+            ivl = int(self.settings.heartbeat_s * 1000)
+            for option, value in ((zmq.HEARTBEAT_IVL, ivl), (zmq.HEARTBEAT_TIMEOUT, 3 * ivl),
+                                  (zmq.HEARTBEAT_TTL, 3 * ivl)):
+                self.router.setsockopt(option, value)
+        self.endpoints = [e for e in (self.settings.resolved_endpoint(), self.settings.tcp_endpoint) if e]
+        for endpoint in self.endpoints:
+            self._bind_one(endpoint)
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+
+    def _bind_one(self, endpoint: str) -> None:
+        path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+        try:
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self.router.bind(endpoint)
+            if path is not None:
+                os.chmod(path, int(self.settings.socket_mode, 8))
+        except (zmq.ZMQError, OSError) as exc:
+            raise ConfigError(f"endpoint {endpoint}: cannot bind: {exc}") from None
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda number, frame: self._signals.append(number))
+
+    def _wake(self) -> None:
+        """Called by the executor thread: make the main loop's poll return."""
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the buffer is full: the loop is waking anyway
+
+    def main_loop(self) -> None:
+        while self.state != State.STOPPED:
+            ready = dict(self.poller.poll(TICK_S * 1000))
+            if self.router in ready:
+                self._receive_batch()
+            if self._wake_r.fileno() in ready:
+                _drain_socket(self._wake_r)
+            self._handle_signals()
+            self._handle_events()
+            self.on_tick()
+
+    def shutdown(self) -> None:
+        """Close sockets and journal. Queued jobs stay journaled for the next start."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.stop()
+            executor.join(timeout=1.0)
+            self._handle_events()  # record what ended while stopping
+        if hasattr(self, "router"):
+            self.router.close()
+            self.context.term()
+        if executor is None or not executor.is_alive():
+            for host in self.hosts.values():
+                host.close()
+        if hasattr(self, "journal"):
+            self.journal.close()
+        self.state = State.STOPPED
+        log.info("stopped; %d job(s) left queued in the journal", len(self.queue))
+
+    # -- signals ------------------------------------------------------------------------------------
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif self.state == State.READY:
+                self.begin_drain(signal.Signals(signum).name)
+
+    def begin_drain(self, why: str) -> None:
+        """Stop taking jobs; let the running one finish within drain_timeout_s."""
+        self.state = State.DRAINING
+        self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.executor.stop()
+        self.notifier.stopping(f"draining ({why}): {len(self.queue)} queued job(s) stay journaled")
+        log.info("%s: draining (timeout %.0f s); %d queued job(s) stay in the journal", why,
+                 self.settings.drain_timeout_s, len(self.queue))
+
+    def _drain_step(self) -> None:
+        current = self.executor.current
+        now = time.monotonic()
+        if current is None or not self.executor.is_alive():
+            self.state = State.STOPPED
+        elif now >= self._drain_deadline and not self._shutdown_sent:
+            log.warning("drain timeout: interrupting job %s; it stays journaled and runs at the next start",
+                        current.id)
+            current.cancel_reason = "shutdown"
+            current.cancel.set()
+            self._shutdown_sent = True
+        elif self._shutdown_sent and now >= self._drain_deadline + SHUTDOWN_GRACE_S:
+            log.error("job %s did not stop; exiting anyway (it runs again at the next start)", current.id)
+            self.state = State.STOPPED
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config. An invalid file is refused and the running config kept."""
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        old = self.settings
+        if [new.resolved_endpoint(), new.tcp_endpoint] != [old.resolved_endpoint(), old.tcp_endpoint]:
+            log.warning("endpoint changes take effect at the next restart")
+        changed = {n for n, m in new.models.items() if old.models.get(n) != m}
+        removed = set(old.models) - set(new.models)
+        if changed or removed:
+            self.executor.between_jobs(lambda: self._swap_models(new, changed, removed))
+        self.queue.capacity = new.queue_size
+        self.executor.progress_interval_s = new.progress_interval_s
+        self.watchdogs.configure(new)
+        logs.set_level(new.log_level)
+        self.settings = new
+        self.notifier.ready(self._status_line())
+        log.info("config reloaded: %d model(s) changed, %d removed; %d job(s) still queued",
+                 len(changed), len(removed), len(self.queue))
+
+    def _swap_models(self, new: Settings, changed: set[str], removed: set[str]) -> None:
+        """On the executor thread, between jobs: open changed models, close removed ones."""
+        for name in removed:
+            self.hosts.pop(name).close()
+        for name in changed:
+            try:
+                host = open_model(name, new.models[name])
+            except Exception as exc:  # keep serving the old version (if any) rather than nothing
+                log.error("model %s: reload failed, keeping the previous version: %s", name, exc)
+                continue
+            old = self.hosts.get(name)
+            self.hosts[name] = host
+            if old is not None:
+                old.close()
+
+    # -- requests ------------------------------------------------------------------------------
+    def _receive_batch(self) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) >= 2:
+                self._handle_frames(frames[:-1], frames[-1])
+
+    def _handle_frames(self, envelope: list[bytes], payload: bytes) -> None:
+        rid = None
+        try:
+            message = protocol.unpack(payload, self.settings.max_message_bytes)
+            rid = message.get("rid") if isinstance(message.get("rid"), (int, str)) else None
+            if message.get("v") != protocol.PROTOCOL_VERSION:
+                raise Refused(ErrorCode.UNSUPPORTED_VERSION,
+                              f"protocol version {message.get('v')!r}; this daemon speaks {protocol.PROTOCOL_VERSION}")
+            op = message.get("op")
+            if op not in {o.value for o in Op}:
+                raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; ops are {[o.value for o in Op]}")
+            reply = getattr(self, f"handle_{op}")(message, envelope)
+        except protocol.DecodeError as exc:
+            reply = protocol.error(exc.code, str(exc))
+        except Refused as exc:
+            reply = protocol.error(exc.code, exc.message)
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("request failed")
+            reply = protocol.error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        if reply is not None:
+            self._send(envelope, {**reply, "rid": rid})
+
+    def _send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
+        """Send to one client; False if it is gone (its job's result stays fetchable by id)."""
+        if envelope is None:
+            return False
+        try:
+            self.router.send_multipart([*envelope, protocol.pack(body)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                log.warning("reply not sent: %s", exc)
+            return False
+
+    def handle_ping(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return {"type": Reply.PONG.value, "version": __version__, "protocol": protocol.PROTOCOL_VERSION,
+                "uptime_s": round(time.monotonic() - self.started, 3), "state": self.state.value}
+
+    def handle_status(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return status_reply(self._view())
+
+    def handle_models(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return {"type": Reply.MODELS.value, "models": [host.describe() for host in list(self.hosts.values())]}
+
+    def handle_job(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        record = self._record(message)
+        return {"type": Reply.JOB.value, "job": record.public()}
+
+    def handle_cancel(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        record = self._record(message)
+        queued = self.queue.remove(record.id)
+        if queued is not None:
+            self._finish(queued, JobState.CANCELLED)
+            return {"type": Reply.JOB.value, "job": self.journal.get(record.id).public(), "cancelled": True}
+        running = self.running.get(record.id)
+        if running is not None:
+            running.cancel.set()
+        return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
+
+    def handle_submit(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any] | None:
+        if self.state != State.READY:
+            raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; submit again after it restarts")
+        record = validate_submit(message, self.settings.models, self.settings.testing_hooks)
+        if record.client_job_id and (known := self.journal.by_client_id(record.client_job_id)):
+            return self._duplicate(known, envelope, message.get("rid"))
+        self.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
+        if len(self.queue) >= self.queue.capacity:
+            raise Refused(ErrorCode.BUSY, f"the queue is full ({self.queue.capacity} jobs); try again later")
+        self.journal.add(record)  # durable before the client hears "accepted"
+        position = self.queue.put(QueuedJob(record, reply_to=envelope), force=True)
+        log.info("job %s accepted: %s %s, priority %d, position %d", record.id, record.model, record.task,
+                 record.priority, position)
+        return {"type": Reply.ACCEPTED.value, "job_id": record.id, "position": position}
+
+    def _duplicate(self, known: JobRecord, envelope: list[bytes], rid: Any) -> None:
+        """A resent submit (same client job id): confirm the job; if it has ended, resend its end."""
+        self._send(envelope, {"type": Reply.ACCEPTED.value, "job_id": known.id, "position": 0,
+                              "duplicate": True, "rid": rid})
+        queued = next((j for j in self.queue.jobs() if j.id == known.id), None) or self.running.get(known.id)
+        if queued is not None:
+            queued.reply_to = envelope  # the client reconnected: deliver the end to its new socket
+        elif known.ended:
+            self._send(envelope, _final_message(known))
+        return None
+
+    def _record(self, message: dict[str, Any]) -> JobRecord:
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str):
+            raise Refused(ErrorCode.BAD_REQUEST, "field 'job_id' must be a string")
+        record = self.journal.get(job_id)
+        if record is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no job {job_id!r} (unknown, or its result has expired)")
+        return record
+
+    # -- executor events ---------------------------------------------------------------------------
+    def _handle_events(self) -> None:
+        executor = getattr(self, "executor", None)
+        while executor is not None and not executor.outbox.empty():
+            event = executor.outbox.get()
+            getattr(self, f"_on_{event.kind}")(event)
+
+    def _on_started(self, event: Event) -> None:
+        self.running[event.job.id] = event.job
+        self.journal.mark_running(event.job.id)
+        log.info("job %s started (%s %s)", event.job.id, event.job.record.model, event.job.record.task)
+
+    def _on_progress(self, event: Event) -> None:
+        self._send(event.job.reply_to, {"type": Reply.PROGRESS.value, "job_id": event.job.id,
+                                        "tokens": event.tokens, "stages": event.stages})
+
+    def _on_finished(self, event: Event) -> None:
+        self.running.pop(event.job.id, None)
+        self._finish(event.job, event.state, event.result, event.error)
+
+    def _on_requeued(self, event: Event) -> None:
+        self.running.pop(event.job.id, None)
+        self.journal.requeue(event.job.id)
+        log.info("job %s interrupted by shutdown; it stays queued in the journal", event.job.id)
+
+    def _finish(self, job: QueuedJob, state: JobState, result: Any = None, error: tuple[str, str] | None = None) -> None:
+        """Journal a job's end, then send its one final reply."""
+        self.journal.finish(job.id, state, result, error)
+        record = self.journal.get(job.id)
+        delivered = self._send(job.reply_to, _final_message(record))
+        took = (record.finished or 0) - (record.started or record.submitted)
+        detail = f"{error[0]}: {error[1]}" if error else f"{took:.2f} s"
+        log.info("job %s %s (%s)%s", job.id, state.value, detail, "" if delivered else "; kept for fetching by id")
+
+    # -- tick ---------------------------------------------------------------------------------------
+    def on_tick(self) -> None:
+        if self.state == State.DRAINING:
+            self._drain_step()
+        self.watchdogs.apply(self.executor.gate)
+        if self.notifier.watchdog_due() and self._executor_healthy():
+            self.notifier.watchdog()
+        self.notifier.status(self._status_line())
+        if time.monotonic() - self._last_purge > PURGE_EVERY_S:
+            self._last_purge = time.monotonic()
+            self.journal.purge(self.settings.result_retention_s)
+
+    def _executor_healthy(self) -> bool:
+        """Alive and making progress: the only condition under which systemd's watchdog is fed."""
+        limit = self.settings.executor_stall_s or (self.notifier.watchdog_usec or 60e6) / 1e6
+        stalled_for = time.monotonic() - self.executor.last_progress
+        healthy = self.executor.is_alive() and stalled_for < limit
+        if not healthy and not self._stall_warned:
+            log.error("executor made no progress for %.0f s; withholding watchdog pings", stalled_for)
+        self._stall_warned = not healthy
+        return healthy
+
+    def _view(self) -> DaemonView:
+        return DaemonView(state=self.state.value, version=__version__, uptime_s=time.monotonic() - self.started,
+                          queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
+                          executor_healthy=self.executor.is_alive(),
+                          since_progress_s=time.monotonic() - self.executor.last_progress,
+                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
+
+    def _status_line(self) -> str:
+        return status_line(self._view()) if hasattr(self, "executor") else self.state.value
+
+
+def _final_message(record: JobRecord) -> dict[str, Any]:
+    if record.state == JobState.DONE.value:
+        return {"type": Reply.RESULT.value, "job_id": record.id, "result": record.result}
+    if record.state == JobState.CANCELLED.value:
+        return {"type": Reply.CANCELLED.value, "job_id": record.id}
+    return protocol.error(ErrorCode(record.error_code or ErrorCode.INTERNAL.value), record.error_message or "",
+                          job_id=record.id)
+
+
+def _drain_socket(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on ``path`` for the life of the process (one daemon per state dir)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another hermesd is running with state directory {path.parent}") from None
+    return fd
+
+
+def serve(config_path: Path | None = None) -> int:
+    """Entry point of ``hermesd serve``: load the config (exit 78 if invalid) and run the daemon."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        logs.setup("info")
+        log.error("configuration error: %s", exc)
+        return EX_CONFIG
+    logs.setup(settings.log_level)
+    return Daemon(settings, config_path).run()
