@@ -170,11 +170,11 @@ class Daemon:
     def main_loop(self) -> None:
         while self.state != State.STOPPED:
             ready = dict(self.poller.poll(TICK_S * 1000))
-            if self.router in ready:
-                self._receive_batch()
             if self._wake_r.fileno() in ready:
                 _drain_socket(self._wake_r)
-            self._handle_signals()
+            self._handle_signals()  # before requests: a submit that arrives with SIGTERM is refused
+            if self.router in ready:
+                self._receive_batch()
             self._handle_events()
             self.on_tick()
 

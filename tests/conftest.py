@@ -139,3 +139,17 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     store = tmp_path_factory.mktemp("real") / "minilm"
     convert(open_source(source), store)
     return source, store
+
+
+@pytest.fixture(scope="session")
+def daemon_stores(converted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small random stores with a word-level tokenizer each, for daemon tests: llama, bert, bert-cls."""
+    from daemon_support import save_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("daemon-stores")
+    stores = {}
+    for name in ("llama", "bert", "bert-cls"):
+        stores[name] = root / name
+        shutil.copytree(converted(name).store, stores[name])
+        save_tiny_tokenizer(stores[name], VOCAB)
+    return stores

@@ -1,0 +1,223 @@
+"""hermesd serve as a real process: round trips through the real client, hostile input, queue, cancel.
+
+One daemon serves the module (starting one costs seconds); tests that stop, crash or reconfigure a
+daemon are in test_daemon_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+import hermesd
+from daemon_support import start_daemon, write_config
+from hermes_client import Client, ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
+from hermesd.tasks import run_task
+
+HANG = "_test_hang_s"
+PROMPT = "w5 w17 w230 w42"
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_stores, tmp_path_factory):
+    stores = daemon_stores
+    root = tmp_path_factory.mktemp("daemon")
+    write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
+                        "bert": {"store": stores["bert"], "prefetch": 2},
+                        "cls": {"store": stores["bert-cls"]}},
+                 queue_size=2, testing_hooks=True, max_message_bytes=65536, progress_interval_s=0.0)
+    running = start_daemon(root)
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture
+def client(daemon):
+    return daemon.client()
+
+
+def _reference(store, task, inputs, params):
+    with hermesd.load(store, prefetch=1) as engine:
+        return run_task(engine, task, inputs, params)
+
+
+def test_every_task_round_trips_and_equals_the_in_process_engine(daemon, client, daemon_stores):
+    stores = daemon_stores
+    generated = client.generate("llama", PROMPT, max_new_tokens=8)
+    expected = _reference(stores["llama"], "generate", PROMPT, {"max_new_tokens": 8})
+    assert generated["text"] == expected["text"] and generated["new_tokens"] == expected["new_tokens"] == 8
+    assert generated["stats"]["passes"] == 8 and generated["stats"]["stages_run"] > 0
+
+    embedded = client.embed("bert", ["w1 w2", "w3"], normalize=True)
+    expected = _reference(stores["bert"], "embed", ["w1 w2", "w3"], {"normalize": True})
+    torch.testing.assert_close(torch.tensor(embedded["embeddings"]), torch.tensor(expected["embeddings"]))
+
+    classified = client.classify("cls", ["w9 w8"], top_k=2)
+    assert [p["label"] for p in classified["labels"][0]] == \
+        [p["label"] for p in _reference(stores["bert-cls"], "classify", ["w9 w8"], {"top_k": 2})["labels"][0]]
+
+    forward = client.submit("forward", "bert", [[1, 2, 3]]).result(60)
+    assert forward["outputs"]["last_hidden_state"]["shape"] == [1, 3, 64]
+
+
+def test_progress_messages_arrive_before_the_result(client):
+    job = client.submit("generate", "llama", PROMPT, {"max_new_tokens": 6}, progress=True)
+    events = list(job.progress(timeout=60))
+    assert events and events[-1]["tokens"] >= 1 and all(e["job_id"] == job.id for e in events)
+    assert [e["tokens"] for e in events] == sorted(e["tokens"] for e in events)
+    assert job.result(5)["new_tokens"] == 6
+
+
+def _raw(endpoint: str, *payloads: bytes, timeout: float = 10.0) -> list[dict | None]:
+    """Send raw frames from a fresh DEALER socket; one decoded reply per payload (None: no reply)."""
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    replies = []
+    try:
+        for payload in payloads:
+            sock.send_multipart([b"", payload])
+            replies.append(msgpack.unpackb(sock.recv_multipart()[-1]) if sock.poll(timeout * 1000) else None)
+    finally:
+        sock.close()
+    return replies
+
+
+def _nested(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _submit(**fields) -> bytes:
+    return msgpack.packb({"v": 1, "op": "submit", "rid": 7, **fields})
+
+
+HOSTILE = [
+    (b"\xc1\xc1 not msgpack", ErrorCode.BAD_REQUEST),
+    (msgpack.packb([1, 2, 3]), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "x": _nested(40)}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 99, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": 1, "op": "rm -rf"}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": "job"}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "job", "job_id": "j-nope"}), ErrorCode.NOT_FOUND),
+    (_submit(), ErrorCode.BAD_REQUEST),
+    (_submit(task=5, model="llama", inputs="x"), ErrorCode.BAD_REQUEST),
+    (_submit(task="dance", model="llama", inputs="x"), ErrorCode.UNKNOWN_TASK),
+    (_submit(task="generate", model="gpt-9", inputs="x"), ErrorCode.UNKNOWN_MODEL),
+    (_submit(task="generate", model="llama"), ErrorCode.BAD_REQUEST),
+    (_submit(task="generate", model="llama", inputs={"a": 1}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": 10**9}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": 65}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"rm": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params="fast"), ErrorCode.BAD_REQUEST),
+    (_submit(task="embed", model="bert", inputs=[]), ErrorCode.INVALID_PARAMS),
+    (_submit(task="embed", model="bert", inputs="x", priority=99), ErrorCode.BAD_REQUEST),
+    (_submit(task="embed", model="bert", inputs="x", deadline_s=-1), ErrorCode.BAD_REQUEST),
+    (_submit(task="embed", model="bert", inputs="x", priority=True), ErrorCode.BAD_REQUEST),
+    (_submit(task="forward", model="bert", inputs=[[1, -2]]), ErrorCode.INVALID_PARAMS),
+]
+
+
+def test_hostile_input_gets_error_replies_and_the_daemon_keeps_serving(daemon, client):
+    before = client.status()["jobs"]
+    replies = _raw(daemon.endpoint, *(payload for payload, _ in HOSTILE))
+    for (payload, code), reply in zip(HOSTILE, replies):
+        assert reply is not None and reply["type"] == "error", payload
+        assert reply["code"] == code.value, (payload, reply)
+        assert reply["message"]
+    assert replies[-1]["rid"] == 7  # the request id is echoed even on errors
+    # Oversize: ZeroMQ's MAXMSGSIZE drops the connection before the daemon sees the message.
+    assert _raw(daemon.endpoint, msgpack.packb({"v": 1, "op": "ping", "pad": "x" * 200_000}), timeout=2) == [None]
+    status = client.status()
+    assert status["state"] == "ready" and status["jobs"] == before  # nothing refused was journaled
+    assert client.ping()["type"] == "pong"
+
+
+def test_client_side_errors_are_typed(client):
+    with pytest.raises(ServerError) as info:
+        client.submit("generate", "nope", "x")
+    assert info.value.code == "unknown_model"
+    with pytest.raises(JobFailed) as info:  # passes validation, fails when the model runs it
+        client.generate("cls", "w1")
+    assert info.value.code == "invalid_params" and "not a causal language model" in info.value.message
+
+
+def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):
+    blocker = client.submit("embed", "bert", "w1", {HANG: 3})
+    _wait_running(client, blocker.id)
+    queued = [client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
+    with pytest.raises(TryLater) as info:
+        client.submit("embed", "bert", "w4")
+    assert info.value.code == ErrorCode.BUSY.value
+    assert client.cancel(queued[1].id) is True
+    with pytest.raises(JobCancelled):
+        queued[1].result(30)
+    assert queued[0].result(60)["dimensions"] == 64
+    assert blocker.result(60)["dimensions"] == 64
+    assert client.cancel(blocker.id) is False  # already ended
+
+
+def test_priority_runs_first(client):
+    blocker = client.submit("embed", "bert", "w1", {HANG: 2})
+    _wait_running(client, blocker.id)
+    low = client.submit("embed", "bert", "w2", priority=0)
+    high = client.submit("embed", "bert", "w3", priority=9)
+    low.result(60), high.result(60)
+    assert client.job(high.id)["started"] < client.job(low.id)["started"]
+
+
+def test_cancel_mid_job_ends_it_between_stages_and_the_executor_moves_on(client):
+    job = client.submit("generate", "llama", PROMPT, {"max_new_tokens": 64}, progress=True)
+    for event in job.progress(timeout=60):
+        if event["tokens"] >= 2:
+            assert job.cancel() is True
+            break
+    with pytest.raises(JobCancelled):
+        job.result(60)
+    record = client.job(job.id)
+    assert record["state"] == "cancelled"
+    assert client.generate("llama", PROMPT, max_new_tokens=3)["new_tokens"] == 3
+
+
+def test_deadline_passes_while_queued(client):
+    blocker = client.submit("embed", "bert", "w1", {HANG: 2})
+    _wait_running(client, blocker.id)
+    late = client.submit("embed", "bert", "w2", deadline_s=0.5)
+    with pytest.raises(JobFailed) as info:
+        late.result(60)
+    assert info.value.code == ErrorCode.DEADLINE_EXCEEDED.value
+
+
+def test_result_outlives_the_client_and_resubmits_are_deduplicated(daemon):
+    first = daemon.client()
+    job = first.submit("embed", "bert", "w7", client_job_id="sensor-42/reading-1")
+    first.close()  # the submitter goes away before the result exists
+    second = daemon.client()
+    again = second.submit("embed", "bert", "w7", client_job_id="sensor-42/reading-1")
+    assert again.id == job.id
+    result = again.result(60)
+    assert second.job(job.id)["result"] == result
+    assert second.status()["jobs"].get("done", 0) >= 1
+
+
+def _wait_running(client: Client, job_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while client.job(job_id)["state"] != "running":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.05)
+
+
+def test_protocol_limits_are_checked_before_decoding_the_whole_message():
+    with pytest.raises(protocol.DecodeError) as info:
+        protocol.unpack(b"\x00" * 100, max_bytes=10)
+    assert info.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(protocol.DecodeError):
+        protocol.unpack(msgpack.packb({"a": list(range(protocol.MAX_ITEMS + 1))}))
+    assert protocol.unpack(protocol.pack({"op": "ping"})) == {"v": protocol.PROTOCOL_VERSION, "op": "ping"}

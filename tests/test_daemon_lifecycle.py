@@ -1,0 +1,184 @@
+"""The daemon's life as systemd sees it: notify messages, watchdog, drain, crash recovery, reload, bad config.
+
+Every test runs real ``hermesd serve`` processes with a real NOTIFY_SOCKET and the real client.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from daemon_support import NotifySocket, start_daemon, write_config
+from hermes_client import ServerError
+
+HANG = "_test_hang_s"
+PROMPT = "w5 w17 w230 w42"
+
+
+def _models(stores, **extra):
+    return {"llama": {"store": stores["llama"], "max_new_tokens": 32},
+            "bert": {"store": stores["bert"]}, **extra}
+
+
+def _wait_state(client, job_id, state, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while (record := client.job(job_id))["state"] != state:
+        assert time.monotonic() < deadline, f"job {job_id} stayed {record['state']}"
+        time.sleep(0.05)
+    return record
+
+
+def test_notify_ready_status_watchdog_and_stopping(daemon_stores, tmp_path):
+    """READY=1 after loading; STATUS= with queue and job; WATCHDOG=1 only while the executor progresses."""
+    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, executor_stall_s=1.5)
+    daemon = start_daemon(tmp_path, env={"WATCHDOG_USEC": "1000000"})  # ping every 0.5 s
+    notify = daemon.notify
+    ready = notify.wait_for(lambda m: m.get("READY") == "1", 1)
+    assert ready["STATUS"].startswith("ready: 0 queued; idle") and ready["MAINPID"] == str(daemon.proc.pid)
+    assert any("EXTEND_TIMEOUT_USEC" in m for m in notify.messages)  # asked for time while loading models
+    pings = [m for m in notify.drain(2.0) if m.get("WATCHDOG") == "1"]
+    assert len(pings) >= 3
+
+    client = daemon.client()
+    job = client.submit("embed", "bert", "w1", {HANG: 6})  # a wedged engine: no stage progress for 6 s
+    notify.wait_for(lambda m: "running " + job.id in m.get("STATUS", ""), 10)
+    notify.drain(2.0)  # past executor_stall_s: from here on the daemon withholds pings
+    silent = notify.drain(2.0)
+    assert not [m for m in silent if m.get("WATCHDOG") == "1"], silent
+    assert "withholding watchdog pings" in daemon.log()
+    assert client.ping()["state"] == "ready"  # the socket loop itself still answers
+    job.result(30)
+    resumed = notify.drain(2.0)
+    assert [m for m in resumed if m.get("WATCHDOG") == "1"], "pings did not resume after the job"
+
+    daemon.send_signal(signal.SIGTERM)
+    stopping = notify.wait_for(lambda m: m.get("STOPPING") == "1", 30)
+    assert stopping["STATUS"].startswith("draining")
+    assert daemon.stop() == 0
+
+
+def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, drain_timeout_s=60)
+    daemon = start_daemon(tmp_path)
+    client = daemon.client()
+    running = client.submit("embed", "bert", "w1", {HANG: 3})
+    _wait_state(client, running.id, "running")
+    queued = [client.submit("embed", "bert", f"w{i}") for i in range(2, 5)]
+    daemon.send_signal(signal.SIGTERM)
+    daemon.notify.wait_for(lambda m: m.get("STOPPING") == "1", 10)
+    with pytest.raises(ServerError) as info:  # draining: no new work
+        client.submit("embed", "bert", "w9")
+    assert info.value.code == "shutting_down"
+    assert running.result(60)["dimensions"] == 64  # the running job finished and its reply went out
+    assert daemon.stop() == 0
+    assert "3 job(s) left queued in the journal" in daemon.log()
+
+    again = start_daemon(tmp_path)
+    client = again.client()
+    for job in queued:
+        assert _wait_state(client, job.id, "done")["result"]["dimensions"] == 64
+    assert again.stop() == 0
+
+
+def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores), testing_hooks=True)
+    daemon = start_daemon(tmp_path)
+    client = daemon.client()
+    running = client.submit("embed", "bert", "w1", {HANG: 30})
+    _wait_state(client, running.id, "running")
+    queued = [client.submit("generate", "llama", PROMPT, {"max_new_tokens": 4}),
+              client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    again = start_daemon(tmp_path)  # the same state directory, as after Restart=on-failure
+    client = again.client()
+    ids = [running.id] + [job.id for job in queued]
+    records = {job_id: _wait_state(client, job_id, "done", timeout=120) for job_id in ids}
+    assert records[running.id]["attempts"] == 2  # it was running at the kill, so it ran again
+    assert all(records[job.id]["attempts"] == 1 for job in queued)  # queued ones ran exactly once
+    assert records[queued[0].id]["result"]["new_tokens"] == 4
+    assert f"job {running.id} was running when the daemon stopped" in again.log()
+    assert again.stop() == 0
+    with sqlite3.connect(tmp_path / "state" / "journal.sqlite3") as db:
+        states = db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+    assert states == [("done", 4)]
+
+
+def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, queue_size=4)
+    daemon = start_daemon(tmp_path)
+    client = daemon.client()
+    blocker = client.submit("embed", "bert", "w1", {HANG: 3})
+    _wait_state(client, blocker.id, "running")
+    queued = [client.submit("embed", "bert", f"w{i}") for i in (2, 3)]
+
+    write_config(tmp_path, _models(daemon_stores, cls={"store": daemon_stores["bert-cls"]}),
+                 testing_hooks=True, queue_size=8)
+    before = len(daemon.notify.messages)
+    daemon.send_signal(signal.SIGHUP)
+    daemon.notify.wait_for(lambda m: m.get("RELOADING") == "1", 10, since=before)
+    daemon.notify.wait_for(lambda m: m.get("READY") == "1", 10, since=before)
+    labels = client.classify("cls", "w4 w5", timeout=60)["labels"]  # the model added by the reload
+    assert len(labels[0]) == 3
+    for job in queued:
+        assert job.result(60)["dimensions"] == 64
+
+    (tmp_path / "hermesd.toml").write_text("queue_size = 'lots'\n[models.x]\nstore = 1\n")
+    daemon.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in daemon.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.embed("bert", "w6")["dimensions"] == 64  # still serving on the old config
+    assert daemon.stop() == 0
+
+
+def _serve(config, *extra, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hermesd.cli", "serve", "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_bad_config_exits_78_with_a_message_naming_the_field(daemon_stores, tmp_path):
+    config = write_config(tmp_path, {"bert": {"store": daemon_stores["bert"], "memory_budget": "plenty"}})
+    result = _serve(config)
+    assert result.returncode == 78
+    assert "models.bert.memory_budget" in result.stderr and "not a size: 'plenty'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    config = write_config(tmp_path, {"bert": {"store": tmp_path / "no-such-store"}})
+    result = _serve(config)
+    assert result.returncode == 78 and "models.bert.store" in result.stderr
+
+    config = write_config(tmp_path, {"bert": {"store": daemon_stores["bert"], "memory_budget": "1MiB"}})
+    result = _serve(config)
+    assert result.returncode == 78 and "models.bert.memory_budget" in result.stderr and "minimum" in result.stderr
+
+    assert _serve(tmp_path / "missing.toml").returncode == 78
+    config = write_config(tmp_path, {"bert": {"store": daemon_stores["bert"]}})
+    assert _serve(config, env={"HERMESD_QUEUE_SIZE": "0"}).returncode == 78  # environment overrides count too
+    checked = _serve(config, "--check")
+    assert checked.returncode == 0 and "config ok: 1 model(s)" in checked.stdout
+
+
+def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores))
+    daemon = start_daemon(tmp_path)
+    second = _serve(tmp_path / "hermesd.toml")
+    assert second.returncode == 70 and "another hermesd is running" in second.stderr
+    assert daemon.client().ping()["state"] == "ready"  # and the first one still owns its socket
+    assert daemon.stop() == 0
+
+
+def test_notify_socket_helper_sees_datagrams(tmp_path):
+    """The test's stand-in for systemd receives what sdnotify sends (guards the other tests' premise)."""
+    notify = NotifySocket(tmp_path / "n.sock")
+    code = "import sdnotify; sdnotify.SystemdNotifier().notify('READY=1\\nSTATUS=hello')"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "NOTIFY_SOCKET": str(notify.path)}, check=True)
+    assert notify.wait_for(lambda m: m.get("READY") == "1", 5)["STATUS"] == "hello"
+    notify.close()
