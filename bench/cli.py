@@ -58,15 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch threads in every contender (default: usable cores, %(default)s)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run (default %(default)s)")
     parser.add_argument("--uncapped", action="store_true", help="run without cgroup caps even where they work")
-    parser.add_argument("--replot", type=Path, metavar="SUITE_JSON",
-                        help="only redraw the plots of a finished run (its suite.json) into --plots")
+    parser.add_argument("--report", type=Path, metavar="SUITE_JSON",
+                        help="no runs: rebuild the report, plots and markdown of a finished run from its suite.json")
     return parser
-
-
-def replot(suite_json: Path, folder: Path) -> list[str]:
-    """Draw the plots again from a finished run's ``suite.json`` (no benchmark runs)."""
-    document = json.loads(suite_json.read_text(encoding="utf-8"))
-    return make_plots(document["scenarios"], document["outcomes"], folder)
 
 
 def _plan_text(prepared: Prepared) -> str:
@@ -86,15 +80,23 @@ def _uncapped_peak(sweep: list[dict[str, Any]], name: str) -> float | None:
     return max((r["peak_rss_bytes"] for r in free), default=None)
 
 
-def analyse(prepared: Prepared, outcome: dict[str, Any], cap_text: str) -> dict[str, Any]:
-    """Summary, derived metrics and ratios of one scenario."""
+def scenario_meta(prepared: Prepared, cap_text: str) -> dict[str, Any]:
+    """What the report says about a scenario's setup (kept in suite.json so a report can be rebuilt)."""
     scenario = prepared.scenario
-    summary = suite_report.summarize(outcome["runs"], outcome["names"])
-    extra = suite_report.derived(summary)
-    ratio_list = suite_report.ratios(scenario.name, summary, extra, _uncapped_peak(outcome["sweep"], "standard"))
     return {"scenario": scenario.name, "title": scenario.title, "workload": scenario.describe(),
             "dtype": prepared.dtype, "weight_bytes": prepared.weight_bytes, "cap_bytes": prepared.cap_bytes,
-            "cap_text": cap_text, "plan_text": _plan_text(prepared), "repeats": outcome["repeats"], "summary": summary, "derived": extra,
+            "cap_text": cap_text, "plan_text": _plan_text(prepared)}
+
+
+META_KEYS = ("scenario", "title", "workload", "dtype", "weight_bytes", "cap_bytes", "cap_text", "plan_text")
+
+
+def analyse(meta: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
+    """Summary, derived metrics and ratios of one scenario's runs."""
+    summary = suite_report.summarize(outcome["runs"], outcome["names"])
+    extra = suite_report.derived(summary)
+    ratio_list = suite_report.ratios(meta["scenario"], summary, extra, _uncapped_peak(outcome["sweep"], "standard"))
+    return {**{k: meta[k] for k in META_KEYS}, "repeats": outcome["repeats"], "summary": summary, "derived": extra,
             "ratio_objects": ratio_list,
             "ratios": [{"label": r.label, "value": r.value, "op": r.op, "target": r.target, "verdict": r.verdict}
                        for r in ratio_list]}
@@ -141,13 +143,11 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"hermesd bench: {exc}", file=sys.stderr)
         return 2
-    if args.replot:
-        reason = plots.available()
-        if reason:
-            print(f"hermesd bench: {reason}", file=sys.stderr)
-            return 1
-        print("\n".join(replot(args.replot, args.plots or args.replot.parent)))
-        return 0
+    if args.report:
+        document = json.loads(args.report.read_text(encoding="utf-8"))
+        results = [analyse(meta, outcome) for meta, outcome in zip(document["scenarios"], document["outcomes"])]
+        return publish(args, document["machine"], document["header"], results, document["outcomes"],
+                       args.report.parent)
     started = time.perf_counter()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = args.results / f"suite-{stamp}{'-quick' if args.quick else ''}"
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
         outcome = run_scenario(prepared, options, folder / scenario.name)
         outcomes.append(outcome)
         (folder / "outcomes.json").write_text(json.dumps(outcomes, default=str), encoding="utf-8")  # before analysis
-        results.append(analyse(prepared, outcome, cap_text))
+        results.append(analyse(scenario_meta(prepared, cap_text), outcome))
     header = [f"suite wall time {(time.perf_counter() - started) / 60:.1f} min; mode "
               f"{'quick' if args.quick else 'full'}; torch threads {args.threads} in every contender",
               "every run a fresh process with all weight files evicted from the page cache first (fincore-checked);"
@@ -178,6 +178,12 @@ def main(argv: list[str]) -> int:
               f"AirLLM: {'interpreter ' + airllm_python if airllm_python else 'skipped: ' + str(airllm_reason)}",
               f"raw results: {folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder} "
               "(not committed)"]
+    return publish(args, facts, header, results, outcomes, folder)
+
+
+def publish(args: argparse.Namespace, facts: dict[str, Any], header: list[str], results: list[dict[str, Any]],
+            outcomes: list[dict[str, Any]], folder: Path) -> int:
+    """Markdown, plots, suite.json, BENCHMARKS.md and the printed summary; the exit status."""
     text = suite_report.document(results, facts, header)
     plot_reason = plots.available()
     plot_dir = args.plots or (folder if args.quick else REPO_ROOT / "bench" / "plots")

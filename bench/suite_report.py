@@ -38,7 +38,11 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, dict[st
         entry: dict[str, Any] = {"runs": len(ok), "failed": len(mine) - len(ok),
                                  "oom_kills": sum(r.get("oom_kills", 0) for r in mine),
                                  "errors": sorted({_short_error(r) for r in mine if not r.get("ok")})}
-        for metric in METRICS:
+        for run in ok:  # the engine's own account of where its time went (same run, same noise)
+            if isinstance(run.get("stats"), dict):
+                run.setdefault("stage_wait_s", run["stats"].get("wait_s"))
+                run.setdefault("stage_compute_s", run["stats"].get("compute_s"))
+        for metric in METRICS + ("stage_wait_s", "stage_compute_s"):
             values = [r[metric] for r in ok if r.get(metric) is not None]
             if values:
                 entry[metric] = median(values)
@@ -77,8 +81,15 @@ def derived(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     compute_bound = _get(summary, "compute-only", "latency_s")
     bound = max(v for v in (io_bound, compute_bound) if v is not None) if (io_bound or compute_bound) else None
     per_pass = _get(summary, "hermesd", "bytes_per_pass")
+    latency = _get(summary, "hermesd", "latency_s")
+    own_compute = _get(summary, "hermesd", "stage_compute_s")
+    own_bound = max(v for v in (io_bound, own_compute) if v is not None) if (io_bound or own_compute) else None
     return {"read_gb_per_s": bandwidth, "io_bound_s": io_bound, "compute_bound_s": compute_bound,
-            "efficiency": _div(bound, _get(summary, "hermesd", "latency_s")),
+            "efficiency": _div(bound, latency),
+            # Same formula with the compute time hermesd measured in its own runs: immune to another
+            # process slowing compute-only's runs and not hermesd's (or the other way round).
+            "efficiency_in_run": _div(own_bound, latency), "hermesd_wait_s": _get(summary, "hermesd", "stage_wait_s"),
+            "hermesd_compute_s": own_compute,
             "decode_tokens_per_s_read_bound": (bandwidth * 1e9 / per_pass) if bandwidth and per_pass else None}
 
 
@@ -152,6 +163,10 @@ def scenario_section(result: dict[str, Any]) -> str:
     bits = [f"cold read bandwidth (io-only) {_num(extra.get('read_gb_per_s'))} GB/s",
             f"I/O bound {_num(extra.get('io_bound_s'))} s", f"compute bound {_num(extra.get('compute_bound_s'))} s",
             f"pipeline efficiency {_num(extra.get('efficiency'), 3)}"]
+    if extra.get("hermesd_compute_s") is not None:
+        bits.append(f"hermesd's own runs: compute {_num(extra['hermesd_compute_s'])} s, waiting for loads "
+                    f"{_num(extra.get('hermesd_wait_s'))} s, efficiency with its own compute time "
+                    f"{_num(extra.get('efficiency_in_run'), 3)}")
     if extra.get("decode_tokens_per_s_read_bound"):
         bits.append(f"read-bound decode {_num(extra['decode_tokens_per_s_read_bound'])} tok/s")
     foreign = [e["foreign_cpu_s"] for e in result["summary"].values() if e.get("foreign_cpu_s") is not None]

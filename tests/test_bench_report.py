@@ -94,3 +94,11 @@ def test_write_section_inserts_then_replaces(tmp_path: Path) -> None:
     fresh = tmp_path / "new.md"
     suite_report.write_section(fresh, "## Suite\n\nx")
     assert fresh.read_text().startswith("# Benchmarks") and suite_report.END in fresh.read_text()
+
+
+def test_in_run_efficiency_uses_hermesds_own_compute_time() -> None:
+    runs = RUNS + [_run("hermesd", total_s=5.0, latency_s=4.0, streamed_bytes=6 * GB,
+                        stats={"wait_s": 0.2, "compute_s": 3.8})]
+    extra = suite_report.derived(suite_report.summarize(runs, NAMES))
+    assert extra["hermesd_wait_s"] == 0.2 and extra["hermesd_compute_s"] == 3.8
+    assert extra["efficiency_in_run"] == pytest.approx(3.8 / 4.0)
