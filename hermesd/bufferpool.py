@@ -61,6 +61,7 @@ class RingPool:
 
     def __init__(self, capacity: int, backed: bool = True) -> None:
         self.capacity = round_up(capacity) if capacity else 0
+        self.backed = backed
         self._arena = map_memory(self.capacity) if backed and self.capacity else None
         self._view = memoryview(self._arena) if self._arena is not None else None
         self._live: deque[Region] = deque()
@@ -92,7 +93,8 @@ class RingPool:
         with self._lock:
             self.overdrafts += 1
             self._account(round_up(size))
-        view = memoryview(map_memory(size, populate=False)) if self._view is not None else memoryview(b"")
+        # A pool of no capacity (every stage resident) still serves on-demand loads of shed stages.
+        view = memoryview(map_memory(size, populate=False)) if self.backed else memoryview(b"")
         return Region(0, round_up(size), view, overdraft=True)
 
     def release(self, region: Region) -> None:

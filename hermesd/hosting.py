@@ -33,6 +33,7 @@ class ModelHost:
                 "plan": plan.to_dict(), "plan_source": self.plan_source,
                 "plan_summary": f"prefetch {plan.prefetch}, {len(plan.resident)} resident stage(s), "
                                 f"ring {plan.pool_bytes / 2**20:.0f} MiB ({self.plan_source})",
+                "resident_now": self.engine.resident_now,
                 "max_prompt_tokens": self.settings.max_prompt_tokens,
                 "max_new_tokens": self.settings.max_new_tokens, "defaults": self.settings.defaults}
 
