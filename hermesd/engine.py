@@ -60,6 +60,12 @@ class Engine:
         """Stages held in memory right now (the plan's resident set, less any shed)."""
         return sorted(self._resident_memory)
 
+    @property
+    def shed_bytes(self) -> int:
+        """Bytes of the plan's resident stages not in memory now (what ``restore_resident`` reads back)."""
+        held = set(self._resident_memory)
+        return sum(self.reader.span(name) for name in self.plan.resident if name not in held)
+
     def shed_resident(self) -> int:
         """Release every resident stage's memory; they load on demand until ``restore_resident``.
 

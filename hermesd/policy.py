@@ -39,12 +39,14 @@ def thermal_level(celsius: float | None, current: Thermal, settings: ThermalSett
     return Thermal(max(level, reached))
 
 
-def memory_level(fraction: float, psi_some_avg10: float | None, current: Memory,
-                 settings: MemoryWatchSettings) -> Memory:
+def memory_level(fraction: float, psi_some_avg10: float | None, current: Memory, settings: MemoryWatchSettings,
+                 restore_fraction: float = 0.0) -> Memory:
     """The memory level after a reading: ``fraction`` of the enforced limit in use, and PSI's stall share.
 
-    CRITICAL is left only below the low-water mark, LOW only below the recover mark with PSI calm
-    (under half its threshold).
+    CRITICAL is left only below the low-water mark; LOW only when usage *plus what recovery would
+    read back in* (``restore_fraction``: the shed resident set, as a fraction of the limit) is below
+    the recover mark and PSI is calm (under half its threshold). Without that term, shedding would
+    make room, recovery would fill it again and the levels would flap.
     """
     stalling = psi_some_avg10 is not None and psi_some_avg10 >= settings.psi_some_avg10
     calm = psi_some_avg10 is None or psi_some_avg10 < settings.psi_some_avg10 / 2
@@ -52,7 +54,7 @@ def memory_level(fraction: float, psi_some_avg10: float | None, current: Memory,
         return Memory.CRITICAL
     if fraction >= settings.low_water or stalling:
         return Memory.LOW
-    if current >= Memory.LOW and (fraction >= settings.recover or not calm):
+    if current >= Memory.LOW and (fraction + restore_fraction >= settings.recover or not calm):
         return Memory.LOW
     return Memory.NORMAL
 

@@ -39,14 +39,17 @@ class Watchdogs:
         self.memory_settings = settings.memory
         self._last_read = 0.0  # read again at once with the new thresholds
 
-    def apply(self, gate: Gate) -> None:
-        """Take new readings (if due), move the levels, and set the gate to match."""
+    def apply(self, gate: Gate, shed_bytes: int = 0) -> None:
+        """Take new readings (if due), move the levels, and set the gate to match.
+
+        ``shed_bytes``: resident memory released so far, which recovery would take back.
+        """
         now = time.monotonic()
         if now - self._last_read < READ_EVERY_S:
             return
         self._last_read = now
         self._update_thermal()
-        self._update_memory(now)
+        self._update_memory(now, shed_bytes)
         critical_for = now - self._critical_since if self._critical_since is not None else 0.0
         actions = decide(self.thermal, self.memory, critical_for, self.memory_settings)
         if actions != self.actions:
@@ -69,12 +72,13 @@ class Watchdogs:
             self.thermal = level
             self.transitions += 1
 
-    def _update_memory(self, now: float) -> None:
+    def _update_memory(self, now: float, shed_bytes: int) -> None:
         if not self.memory_settings.enabled:
             self.memory, self.reading = Memory.NORMAL, None
             return
         self.reading = reading = read_memory()
-        level = memory_level(reading.fraction, reading.psi_some_avg10, self.memory, self.memory_settings)
+        restore = shed_bytes / reading.limit_bytes if reading.limit_bytes else 0.0
+        level = memory_level(reading.fraction, reading.psi_some_avg10, self.memory, self.memory_settings, restore)
         if level != self.memory:
             log.warning("memory %s -> %s: %.0f%% of %.0f MiB in use (%s), PSI some avg10 %s", self.memory.name,
                         level.name, 100 * reading.fraction, reading.limit_bytes / 2**20, reading.source,

@@ -136,6 +136,7 @@ def write_config(root: Path, models: dict[str, dict[str, Any]], **settings: Any)
               "heartbeat_s": 1.0, **settings,
               "models": {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in model.items()}
                          for name, model in models.items()}}
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "hermesd.toml"
     path.write_text(toml_dumps(config), encoding="utf-8")
     return path

@@ -70,3 +70,11 @@ def test_actions_for_each_level():
     brief = decide(Thermal.NORMAL, Memory.CRITICAL, 3, MEM)
     assert brief.hold_execution and brief.shed_resident and brief.refuse is None  # wait before refusing
     assert decide(Thermal.NORMAL, Memory.CRITICAL, 10, MEM).refuse == ErrorCode.MEMORY_PRESSURE
+
+
+def test_recovery_waits_until_the_shed_resident_set_would_fit_again():
+    """Shedding 40 % of the limit drops usage to 50 %; reading it back would be 90 %: stay LOW."""
+    level = memory_level(0.90, 0, Memory.NORMAL, MEM)
+    assert level == Memory.LOW
+    assert memory_level(0.50, 0, level, MEM, restore_fraction=0.40) == Memory.LOW
+    assert memory_level(0.30, 0, level, MEM, restore_fraction=0.40) == Memory.NORMAL  # the neighbour left

@@ -26,7 +26,9 @@ from hermes_client.protocol import FINAL, ErrorCode, JobState, Op, Reply
 
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
 ENDPOINT_ENV = "HERMES_ENDPOINT"
-STATUS_POLL_S = 2.0  # a job quiet for this long is looked up by id (its push may have gone to an old socket)
+STATUS_POLL_S = 2.0
+# Replies carry results (long vectors): decoded with wider limits than the daemon applies to requests.
+REPLY_MAX_BYTES, REPLY_MAX_ITEMS, REPLY_MAX_NESTING = 1 << 30, 1 << 27, 64  # a job quiet for this long is looked up by id (its push may have gone to an old socket)
 
 
 def default_endpoint() -> str:
@@ -86,14 +88,16 @@ class Client:
             pass
 
     def _receive(self, timeout: float) -> dict[str, Any] | None:
-        """The next message within ``timeout`` seconds, or None."""
-        if not self._socket.poll(max(0, int(timeout * 1000))):
-            return None
-        frames = self._socket.recv_multipart()
-        try:
-            return protocol.unpack(frames[-1], max_bytes=1 << 30)
-        except protocol.DecodeError:
-            return None
+        """The next well-formed message within ``timeout`` seconds, or None."""
+        deadline = time.monotonic() + timeout
+        while self._socket.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            frames = self._socket.recv_multipart()
+            try:
+                return protocol.unpack(frames[-1], max_bytes=REPLY_MAX_BYTES, max_items=REPLY_MAX_ITEMS,
+                                       max_nesting=REPLY_MAX_NESTING)
+            except protocol.DecodeError:
+                continue  # not from a hermesd we understand: keep waiting for the real reply
+        return None
 
     def request(self, op: Op | str, **fields: Any) -> dict[str, Any]:
         """Send one request and return its reply (Lazy Pirate: resend on silence, reconnecting).

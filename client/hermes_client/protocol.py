@@ -112,30 +112,35 @@ class DecodeError(ValueError):
         self.code = code
 
 
-def unpack(frame: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
-    """Decode one frame into a map, refusing oversize, malformed, deeply nested or non-map data."""
+def unpack(frame: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: int = MAX_ITEMS,
+           max_nesting: int = MAX_NESTING) -> dict[str, Any]:
+    """Decode one frame into a map, refusing oversize, malformed, deeply nested or non-map data.
+
+    The defaults are the daemon's limits for requests; clients decode replies (which may carry long
+    vectors) with larger ones.
+    """
     if len(frame) > max_bytes:
         raise DecodeError(ErrorCode.TOO_LARGE, f"message of {len(frame)} bytes is over the {max_bytes}-byte limit")
     try:
         message = msgpack.unpackb(
             frame, raw=False, strict_map_key=True, use_list=True,
             max_str_len=max_bytes, max_bin_len=max_bytes,
-            max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS, max_ext_len=0)
+            max_array_len=max_items, max_map_len=max_items, max_ext_len=0)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise DecodeError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc or type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise DecodeError(ErrorCode.BAD_REQUEST, "a message must be a msgpack map")
-    if _depth(message) > MAX_NESTING:
-        raise DecodeError(ErrorCode.BAD_REQUEST, f"message nested deeper than {MAX_NESTING} levels")
+    if _depth(message, limit=max_nesting) > max_nesting:
+        raise DecodeError(ErrorCode.BAD_REQUEST, f"message nested deeper than {max_nesting} levels")
     return message
 
 
-def _depth(value: Any, level: int = 1) -> int:
-    """Nesting depth of lists and maps, stopping early once past MAX_NESTING."""
-    if level > MAX_NESTING or not isinstance(value, (list, dict)):
+def _depth(value: Any, level: int = 1, limit: int = MAX_NESTING) -> int:
+    """Nesting depth of lists and maps, stopping early once past ``limit``."""
+    if level > limit or not isinstance(value, (list, dict)):
         return level
     children = value.values() if isinstance(value, dict) else value
-    return max((_depth(child, level + 1) for child in children), default=level)
+    return max((_depth(child, level + 1, limit) for child in children), default=level)
 
 
 def error(code: ErrorCode, message: str, **fields: Any) -> dict[str, Any]:
