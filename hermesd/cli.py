@@ -149,6 +149,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise HermesError(f"{dest} already exists; pass --force to replace it")
     source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed)
     progress = None if args.quiet else _print_progress
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     report = convert(source, dest, dtype=args.dtype, force=args.force, progress=progress)
     if args.json:
         print(json.dumps(report.__dict__))

@@ -178,7 +178,7 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"memory: rss {status['memory']['rss_bytes'] / 2**20:.0f} MiB")
     for line in status.get("watchdogs", {}).get("lines", []):
         print(line)
-    print(f"jobs: {status['jobs']}")
+    print("jobs: " + (", ".join(f"{count} {state}" for state, count in sorted(status["jobs"].items())) or "none"))
     return EXIT_OK
 
 
