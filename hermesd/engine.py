@@ -41,6 +41,7 @@ class Engine:
         self._resident_memory = resident_memory
         self._tokenizer = None
         self._image_processor = None
+        self.max_input_tokens: int | None = None  # set by a server: tasks refuse longer inputs (the plan's size)
 
     @property
     def stats(self) -> RunStats:

@@ -69,6 +69,7 @@ def open_model(name: str, settings: ModelSettings, progress: Callable[[str], Non
         raise ConfigError(f"models.{name}.memory_budget: {exc}") from None
     except ValueError as exc:  # unknown resident stage names
         raise ConfigError(f"models.{name}: {exc}") from None
+    engine.max_input_tokens = settings.max_prompt_tokens
     host = ModelHost(name, settings, engine, source)
     log.info("model %s ready: %s", name, host.describe()["plan_summary"])
     return host

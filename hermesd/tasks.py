@@ -124,6 +124,13 @@ def _texts(inputs: Any) -> list[str]:
     return texts
 
 
+def _check_length(engine: Engine, input_ids: torch.Tensor) -> None:
+    """Refuse inputs longer than the engine's plan was made for (its memory budget assumes the length)."""
+    limit = engine.max_input_tokens
+    _require(limit is None or input_ids.shape[-1] <= limit,
+             f"input of {input_ids.shape[-1]} tokens is longer than this model's limit of {limit} tokens")
+
+
 def _can_generate(engine: Engine) -> bool:
     return engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
 
@@ -135,6 +142,7 @@ def generate(engine: Engine, prompt: str | list[dict[str, str]], params: Generat
     _require(_can_generate(engine), f"{engine.manifest.architecture} is not a causal language model")
     tokenizer = engine.tokenizer
     input_ids = _prompt_ids(tokenizer, prompt, params.chat)
+    _check_length(engine, input_ids)
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "attention_mask": torch.ones_like(input_ids)}
     if params.temperature > 0:
         kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
@@ -212,6 +220,7 @@ def embed(engine: Engine, inputs: str | list[str], normalize: bool = False, pool
     texts = _texts(inputs)
     _embed_options(normalize, pooling)
     encoded = engine.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    _check_length(engine, encoded["input_ids"])
     with torch.inference_mode():
         output = engine.model(**encoded, output_hidden_states=True)
     hidden = getattr(output, "last_hidden_state", None)
@@ -243,6 +252,7 @@ def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[st
         batch = {"pixel_values": engine.image_processor(images=_open_images(items), return_tensors="pt").pixel_values}
     else:
         batch = dict(engine.tokenizer(items, padding=True, truncation=True, return_tensors="pt"))
+        _check_length(engine, batch["input_ids"])
     with torch.inference_mode():
         logits = engine.model(**batch).logits.float()  # logits: [B, num_labels]
     probabilities = logits.softmax(-1)
@@ -277,6 +287,8 @@ def forward(engine: Engine, inputs: str | list[str] | list[list[int]]) -> dict[s
         batch = {"input_ids": torch.tensor(inputs)}
     else:
         batch = dict(engine.tokenizer(_texts(inputs), padding=True, return_tensors="pt"))
+    if "input_ids" in batch:
+        _check_length(engine, batch["input_ids"])
     with torch.inference_mode():
         output = engine.model(**batch)
     result = {}

@@ -27,7 +27,7 @@ def daemon(daemon_stores, tmp_path_factory):
     stores = daemon_stores
     root = tmp_path_factory.mktemp("daemon")
     write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
-                        "bert": {"store": stores["bert"], "prefetch": 2},
+                        "bert": {"store": stores["bert"], "prefetch": 2, "max_prompt_tokens": 32},
                         "cls": {"store": stores["bert-cls"]}},
                  queue_size=2, testing_hooks=True, max_message_bytes=65536, progress_interval_s=0.0)
     running = start_daemon(root)
@@ -184,6 +184,12 @@ def test_cancel_mid_job_ends_it_between_stages_and_the_executor_moves_on(client)
     record = client.job(job.id)
     assert record["state"] == "cancelled"
     assert client.generate("llama", PROMPT, max_new_tokens=3)["new_tokens"] == 3
+
+
+def test_inputs_longer_than_the_plan_allows_fail_the_job(client):
+    with pytest.raises(JobFailed) as info:
+        client.embed("bert", " ".join(f"w{i}" for i in range(40)))  # the bert model allows 32 tokens
+    assert info.value.code == "invalid_params" and "limit of 32 tokens" in info.value.message
 
 
 def test_deadline_passes_while_queued(client):
