@@ -1,0 +1,69 @@
+"""The SQLite job journal: durable records, recovery lists, idempotency keys, retention."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from hermes_client import JobState
+from hermesd.jobs import JobQueue, QueuedJob, Refused
+from hermesd.journal import JobRecord, Journal
+
+
+def _record(job_id: str, **fields) -> JobRecord:
+    return JobRecord(id=job_id, model="m", task="embed", inputs=["a", "b"], params={"normalize": True}, **fields)
+
+
+def test_records_survive_reopening_and_unfinished_jobs_come_back_in_order(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    for name in ("a", "b", "c", "d"):
+        journal.add(_record(name, client_job_id=f"cid-{name}", priority=1))
+    journal.mark_running("a")
+    journal.finish("b", JobState.DONE, result={"embeddings": [[0.5]]})
+    journal.finish("c", JobState.FAILED, error=("invalid_params", "nope"))
+    journal.close()
+
+    journal = Journal(tmp_path / "j.sqlite3")  # as after a crash
+    unfinished = journal.unfinished()
+    assert [(r.id, r.state, r.attempts) for r in unfinished] == [("a", "running", 1), ("d", "queued", 0)]
+    assert unfinished[0].inputs == ["a", "b"] and unfinished[0].params == {"normalize": True}
+    assert journal.get("b").result == {"embeddings": [[0.5]]} and journal.get("b").ended
+    assert journal.get("c").public()["error"] == {"code": "invalid_params", "message": "nope"}
+    assert journal.by_client_id("cid-d").id == "d"
+    assert journal.counts() == {"running": 1, "done": 1, "failed": 1, "queued": 1}
+    with pytest.raises(sqlite3.IntegrityError):  # one job per idempotency key
+        journal.add(_record("e", client_job_id="cid-a"))
+
+
+def test_purge_forgets_only_old_ended_jobs(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.add(_record("old"))
+    journal.add(_record("queued"))
+    journal.finish("old", JobState.DONE, result={})
+    assert journal.purge(older_than_s=3600) == 0
+    time.sleep(0.01)
+    assert journal.purge(older_than_s=0) == 1
+    assert journal.get("old") is None and journal.get("queued") is not None
+
+
+def test_a_journal_from_a_newer_hermesd_is_refused(tmp_path):
+    Journal(tmp_path / "j.sqlite3").close()
+    with sqlite3.connect(tmp_path / "j.sqlite3") as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema'")
+    with pytest.raises(sqlite3.DatabaseError, match="schema 99"):
+        Journal(tmp_path / "j.sqlite3")
+
+
+def test_queue_orders_by_priority_then_submission_and_is_bounded():
+    queue = JobQueue(capacity=3)
+    jobs = [QueuedJob(_record(name, priority=priority, seq=seq))
+            for seq, (name, priority) in enumerate([("low", 0), ("high", 9), ("mid", 5)], start=1)]
+    assert [queue.put(job) for job in jobs] == [0, 0, 1]
+    with pytest.raises(Refused) as info:
+        queue.put(QueuedJob(_record("x", seq=9)))
+    assert info.value.code.value == "busy"
+    assert queue.remove("mid").id == "mid" and queue.remove("mid") is None
+    assert [queue.get(0.1).id for _ in range(2)] == ["high", "low"]
+    assert queue.get(0.05) is None and len(queue) == 0
