@@ -115,14 +115,15 @@ class RunningDaemon:
     def send_signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Signal the daemon and return its exit status."""
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0, keep_clients: bool = False) -> int:
+        """Signal the daemon and return its exit status (clients are closed unless ``keep_clients``)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout)
         finally:
-            self.close_clients()
+            if not keep_clients:
+                self.close_clients()
 
     def close_clients(self) -> None:
         for client in self.clients:

@@ -10,7 +10,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,13 +78,21 @@ def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(d
         client.submit("embed", "bert", "w9")
     assert info.value.code == "shutting_down"
     assert running.result(60)["dimensions"] == 64  # the running job finished and its reply went out
-    assert daemon.stop() == 0
+    assert daemon.stop(keep_clients=True) == 0
     assert "3 job(s) left queued in the journal" in daemon.log()
 
+    # Lazy Pirate: a request sent while no daemon runs is resent until the next one answers.
+    waiting = daemon.client(timeout=2.0, retries=90)
+    answer: list = []
+    pinger = threading.Thread(target=lambda: answer.append(waiting.ping()))
+    pinger.start()
     again = start_daemon(tmp_path)
-    client = again.client()
-    for job in queued:
-        assert _wait_state(client, job.id, "done")["result"]["dimensions"] == 64
+    pinger.join(200)
+    assert answer and answer[0]["state"] == "ready"
+    for job in queued:  # the old handles, whose pushes went to a dead daemon, find their results by id
+        assert job.result(120)["dimensions"] == 64
+    assert again.client().job(queued[0].id)["attempts"] == 1
+    daemon.close_clients()
     assert again.stop() == 0
 
 
@@ -182,3 +192,21 @@ def test_notify_socket_helper_sees_datagrams(tmp_path):
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "NOTIFY_SOCKET": str(notify.path)}, check=True)
     assert notify.wait_for(lambda m: m.get("READY") == "1", 5)["STATUS"] == "hello"
     notify.close()
+
+
+@pytest.mark.slow
+def test_the_client_installs_and_runs_without_torch(tmp_path):
+    """pip install ./client into a bare venv: pyzmq and msgpack only; `hermes` runs."""
+    checkout = Path(__file__).resolve().parent.parent
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    str(checkout / "client")], check=True, timeout=600)
+    probe = "import sys, hermes_client; print('torch' in sys.modules)"
+    imported = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    has_torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
+    assert has_torch.returncode != 0
+    ping = subprocess.run([str(venv / "bin" / "hermes"), "--endpoint", "ipc:///nonexistent/x", "--timeout", "0.2",
+                           "--retries", "0", "ping"], capture_output=True, text=True)
+    assert ping.returncode == 69
