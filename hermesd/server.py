@@ -15,7 +15,7 @@ import fcntl
 import logging
 import os
 import signal
-import socket
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Op, Reply
 from hermesd import __version__, logs
 from hermesd.config import ConfigError, Settings, load_settings
+from hermesd.errors import HermesError
 from hermesd.executor import Event, Executor
 from hermesd.hosting import ModelHost, open_model
 from hermesd.jobs import JobQueue, QueuedJob, Refused, validate_submit
 from hermesd.journal import Journal, JobRecord
 from hermesd.notify import Notifier
+from hermesd.sockets import WakePair, open_router
 from hermesd.status import DaemonView, status_line, status_reply
 from hermesd.watch import Watchdogs
 
@@ -84,6 +86,9 @@ class Daemon:
         except AlreadyRunning as exc:
             log.error("%s", exc)
             return EX_SOFTWARE
+        except (HermesError, OSError, sqlite3.Error) as exc:  # a damaged store, an unreadable journal
+            log.error("cannot start: %s", exc)
+            return EX_SOFTWARE
         try:
             self.main_loop()
         finally:
@@ -125,58 +130,37 @@ class Daemon:
 
     def _bind(self) -> None:
         self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        for option, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.MAXMSGSIZE, self.settings.max_message_bytes),
-                              (zmq.LINGER, 1000), (zmq.SNDHWM, 10_000)):
-            self.router.setsockopt(option, value)
-        if self.settings.heartbeat_s > 0:
-            ivl = int(self.settings.heartbeat_s * 1000)
-            for option, value in ((zmq.HEARTBEAT_IVL, ivl), (zmq.HEARTBEAT_TIMEOUT, 3 * ivl),
-                                  (zmq.HEARTBEAT_TTL, 3 * ivl)):
-                self.router.setsockopt(option, value)
-        self.endpoints = [e for e in (self.settings.resolved_endpoint(), self.settings.tcp_endpoint) if e]
-        for endpoint in self.endpoints:
-            self._bind_one(endpoint)
-        self._wake_r, self._wake_w = socket.socketpair()
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
+        self.router, self.endpoints = open_router(self.context, self.settings)
+        self._wakeup = WakePair()
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
-
-    def _bind_one(self, endpoint: str) -> None:
-        path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
-        try:
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            self.router.bind(endpoint)
-            if path is not None:
-                os.chmod(path, int(self.settings.socket_mode, 8))
-        except (zmq.ZMQError, OSError) as exc:
-            raise ConfigError(f"endpoint {endpoint}: cannot bind: {exc}") from None
+        self.poller.register(self._wakeup.reader.fileno(), zmq.POLLIN)
 
     def _install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._wakeup.writer.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, frame: self._signals.append(number))
 
     def _wake(self) -> None:
         """Called by the executor thread: make the main loop's poll return."""
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the buffer is full: the loop is waking anyway
+        self._wakeup.wake()
 
     def main_loop(self) -> None:
         while self.state != State.STOPPED:
             ready = dict(self.poller.poll(TICK_S * 1000))
-            if self._wake_r.fileno() in ready:
-                _drain_socket(self._wake_r)
+            if self._wakeup.reader.fileno() in ready:
+                self._wakeup.drain()
             self._handle_signals()  # before requests: a submit that arrives with SIGTERM is refused
-            if self.router in ready:
-                self._receive_batch()
-            self._handle_events()
-            self.on_tick()
+            for step in (self._receive_batch if self.router in ready else None, self._handle_events, self.on_tick):
+                if step is not None:
+                    self._guarded(step)
+
+    def _guarded(self, step) -> None:
+        """One loop step; a failure (a full disk under the journal, a sensor that lies) is logged, not fatal."""
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed; still serving", step.__name__)
 
     def shutdown(self) -> None:
         """Close sockets and journal. Queued jobs stay journaled for the next start."""
@@ -333,7 +317,8 @@ class Daemon:
         if queued is not None:
             self._finish(queued, JobState.CANCELLED)
             return {"type": Reply.JOB.value, "job": self.journal.get(record.id).public(), "cancelled": True}
-        running = self.running.get(record.id)
+        current = self.executor.current  # taken by the executor, its "started" event not yet handled
+        running = self.running.get(record.id) or (current if current is not None and current.id == record.id else None)
         if running is not None:
             running.cancel.set()
         return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
@@ -447,14 +432,6 @@ def _final_message(record: JobRecord) -> dict[str, Any]:
         return {"type": Reply.CANCELLED.value, "job_id": record.id}
     return protocol.error(ErrorCode(record.error_code or ErrorCode.INTERNAL.value), record.error_message or "",
                           job_id=record.id)
-
-
-def _drain_socket(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
 
 
 def _lock(path: Path) -> int:

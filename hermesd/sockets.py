@@ -1,0 +1,68 @@
+"""The daemon's sockets: the ZeroMQ ROUTER with its protective options, and the wake-up pair."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import zmq
+
+from hermesd.config import ConfigError, Settings
+
+
+def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, list[str]]:
+    """A ROUTER bound to the configured endpoints; a bind failure is a ConfigError (exit 78)."""
+    router = context.socket(zmq.ROUTER)
+    # ROUTER_MANDATORY: a reply to a vanished client fails at once instead of queueing forever;
+    # MAXMSGSIZE: an oversize message drops its sender before a byte of it is decoded.
+    for option, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.MAXMSGSIZE, settings.max_message_bytes),
+                          (zmq.LINGER, 1000), (zmq.SNDHWM, 10_000)):
+        router.setsockopt(option, value)
+    if settings.heartbeat_s > 0:
+        interval = int(settings.heartbeat_s * 1000)
+        for option, value in ((zmq.HEARTBEAT_IVL, interval), (zmq.HEARTBEAT_TIMEOUT, 3 * interval),
+                              (zmq.HEARTBEAT_TTL, 3 * interval)):
+            router.setsockopt(option, value)
+    endpoints = [e for e in (settings.resolved_endpoint(), settings.tcp_endpoint) if e]
+    try:
+        for endpoint in endpoints:
+            _bind(router, endpoint, int(settings.socket_mode, 8))
+    except ConfigError:
+        router.close(linger=0)
+        raise
+    return router, endpoints
+
+
+def _bind(router: zmq.Socket, endpoint: str, mode: int) -> None:
+    path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        router.bind(endpoint)
+        if path is not None:
+            os.chmod(path, mode)
+    except (zmq.ZMQError, OSError) as exc:
+        raise ConfigError(f"endpoint {endpoint}: cannot bind: {exc}") from None
+
+
+class WakePair:
+    """A socketpair whose read end the main loop polls: the executor and signal handlers write to it."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        for end in (self.reader, self.writer):
+            end.setblocking(False)
+
+    def wake(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:  # the buffer is full (BlockingIOError): the loop is waking anyway
+            pass
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
