@@ -153,3 +153,15 @@ def daemon_stores(converted, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         shutil.copytree(converted(name).store, stores[name])
         save_tiny_tokenizer(stores[name], VOCAB)
     return stores
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_session():
+    """A test that fails before stopping its daemon must not leave the process running."""
+    yield
+    from daemon_support import STARTED
+
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -19,6 +19,7 @@ from typing import Any, Callable
 from hermes_client import Client
 
 READY_TIMEOUT_S = 180.0  # torch + transformers import and model loading on a busy 2-core machine
+STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest kills leftovers at session end
 
 
 def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
@@ -155,6 +156,7 @@ def start_daemon(root: Path, config_path: Path | None = None, env: dict[str, str
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "hermesd.cli", "serve", "--config", str(config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=environment, preexec_fn=preexec)
+    STARTED.append(proc)
     daemon = RunningDaemon(proc, root, config_path, f"ipc://{root / 'run' / 'hermesd.sock'}", notify, log_path)
     if wait_ready:
         try:
