@@ -130,7 +130,8 @@ def make_plots(results: list[dict[str, Any]], outcomes: list[dict[str, Any]], fo
             run = min(hermesd_runs, key=lambda r: abs(r["latency_s"] - middle))
             written.append(str(plots.timeline(run["stats"]["timeline"], folder / f"{name}-hermesd-timeline.png",
                                               f"hermesd, {name}: per-stage load and compute ({run['tag']}, "
-                                              f"{run['latency_s']:.2f} s)")))
+                                              f"{run['latency_s']:.2f} s" + (", first pass shown)" if
+                                                                              run.get("decode_s") else ")"))))
     return written
 
 

@@ -131,9 +131,11 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
     lines = ["| contender | ok/failed (OOM) | load+run s | run s | prefill tok/s | decode tok/s | peak RSS MiB "
              "| cgroup peak MiB | read MiB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in summary.items():
-        throughput = e.get("prefill_tokens_per_s")
+        throughput = _num(e.get("prefill_tokens_per_s"), 0)
+        if e.get("items_per_s") is not None:  # images: a rate of images, not of tokens
+            throughput = f"{e['items_per_s']:.2f} img/s"
         lines.append(f"| {name} | {e['runs']}/{e['failed']} ({e['oom_kills']}) | {_num(e.get('total_s'))} | "
-                     f"{_num(e.get('latency_s'))} | {_num(throughput, 0)} | {_num(e.get('decode_tokens_per_s'))} | "
+                     f"{_num(e.get('latency_s'))} | {throughput} | {_num(e.get('decode_tokens_per_s'))} | "
                      f"{_mib(e.get('peak_rss_bytes'))} | {_mib(e.get('cgroup_peak_bytes'))} | "
                      f"{_mib(e.get('bytes_read'))} |")
     return "\n".join(lines)
@@ -167,7 +169,7 @@ def scenario_section(result: dict[str, Any]) -> str:
         bits.append(f"hermesd's own runs: compute {_num(extra['hermesd_compute_s'])} s, waiting for loads "
                     f"{_num(extra.get('hermesd_wait_s'))} s, efficiency with its own compute time "
                     f"{_num(extra.get('efficiency_in_run'), 3)}")
-    if extra.get("decode_tokens_per_s_read_bound"):
+    if extra.get("decode_tokens_per_s_read_bound") and result["summary"].get("hermesd", {}).get("decode_tokens_per_s"):
         bits.append(f"read-bound decode {_num(extra['decode_tokens_per_s_read_bound'])} tok/s")
     foreign = [e["foreign_cpu_s"] for e in result["summary"].values() if e.get("foreign_cpu_s") is not None]
     if foreign:
