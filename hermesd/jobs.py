@@ -123,11 +123,16 @@ class JobQueue:
         with self._ready:
             return len(self._ids)
 
+    def check_room(self) -> None:
+        """Refused(BUSY) when the queue is full."""
+        if len(self) >= self.capacity:
+            raise Refused(ErrorCode.BUSY, f"the queue is full ({self.capacity} jobs); try again later")
+
     def put(self, job: QueuedJob, force: bool = False) -> int:
         """Queue a job and return its position (0 = next). Refused(BUSY) when full, unless ``force``."""
+        if not force:
+            self.check_room()
         with self._ready:
-            if not force and len(self._ids) >= self.capacity:
-                raise Refused(ErrorCode.BUSY, f"the queue is full ({self.capacity} jobs); try again later")
             heapq.heappush(self._heap, (-job.record.priority, job.record.seq, job))
             self._ids.add(job.id)
             self._ready.notify()

@@ -15,7 +15,6 @@ class Notifier:
     """Sends sd_notify messages; knows the watchdog interval systemd asked for."""
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier()
         if self._notifier.socket is not None:
             self._notifier.socket.setblocking(False)  # never let a slow systemd stall the main loop

@@ -330,8 +330,7 @@ class Daemon:
         if record.client_job_id and (known := self.journal.by_client_id(record.client_job_id)):
             return self._duplicate(known, envelope, message.get("rid"))
         self.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
-        if len(self.queue) >= self.queue.capacity:
-            raise Refused(ErrorCode.BUSY, f"the queue is full ({self.queue.capacity} jobs); try again later")
+        self.queue.check_room()  # before the journal: a refused job leaves no trace
         self.journal.add(record)  # durable before the client hears "accepted"
         position = self.queue.put(QueuedJob(record, reply_to=envelope), force=True)
         log.info("job %s accepted: %s %s, priority %d, position %d", record.id, record.model, record.task,

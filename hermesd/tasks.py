@@ -80,8 +80,7 @@ def check_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
         _embed_options(params.get("normalize", False), params.get("pooling", "mean"))
     elif task == "classify":
         _known(params, "top_k")
-        _require(isinstance(params.get("top_k", 5), int) and params.get("top_k", 5) >= 1,
-                 "top_k must be a positive integer")
+        _classify_options(params.get("top_k", 5))
     else:
         _known(params)
     return params
@@ -246,7 +245,7 @@ def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[st
     architecture = engine.manifest.architecture
     _require(architecture.endswith(("ForSequenceClassification", "ForImageClassification")),
              f"{architecture} has no classification head")
-    _require(isinstance(top_k, int) and top_k >= 1, "top_k must be a positive integer")
+    _classify_options(top_k)
     items = _texts(inputs)
     if engine.model.main_input_name == "pixel_values":
         batch = {"pixel_values": engine.image_processor(images=_open_images(items), return_tensors="pt").pixel_values}
@@ -262,6 +261,10 @@ def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[st
         scores, indices = row.topk(min(top_k, row.numel()))
         results.append([{"label": labels.get(int(i), str(int(i))), "score": float(s)} for s, i in zip(scores, indices)])
     return {"labels": results}
+
+
+def _classify_options(top_k: Any) -> None:
+    _require(isinstance(top_k, int) and top_k >= 1, "top_k must be a positive integer")
 
 
 def _open_images(paths: list[str]) -> list[Any]:

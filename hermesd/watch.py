@@ -122,7 +122,7 @@ class Watchdogs:
                             "execution_held": self.actions.hold_execution,
                             "resident_shed": self.actions.shed_resident,
                             "refusing": self.actions.refuse.value if self.actions.refuse else None},
-                "transitions": self.transitions, "summary": ", ".join(summary), "lines": [", ".join(summary)]}
+                "transitions": self.transitions, "summary": ", ".join(summary)}
 
 
 def _describe(actions: Actions) -> str:

@@ -132,6 +132,15 @@ class RunningDaemon:
         self.clients.clear()
 
 
+def wait_for_state(client: Client, job_id: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll a job's record until it reaches ``state``; returns the record."""
+    deadline = time.monotonic() + timeout
+    while (record := client.job(job_id))["state"] != state:
+        assert time.monotonic() < deadline, f"job {job_id} stayed {record['state']}"
+        time.sleep(0.05)
+    return record
+
+
 def write_config(root: Path, models: dict[str, dict[str, Any]], **settings: Any) -> Path:
     """A config under ``root`` (runtime and state dirs inside it) serving ``models``."""
     config = {"runtime_dir": str(root / "run"), "state_dir": str(root / "state"), "log_level": "debug",

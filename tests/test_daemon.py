@@ -6,7 +6,6 @@ daemon are in test_daemon_lifecycle.py.
 
 from __future__ import annotations
 
-import time
 
 import msgpack
 import pytest
@@ -14,8 +13,8 @@ import torch
 import zmq
 
 import hermesd
-from daemon_support import start_daemon, write_config
-from hermes_client import Client, ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
+from daemon_support import start_daemon, wait_for_state, write_config
+from hermes_client import ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
 from hermesd.tasks import run_task
 
 HANG = "_test_hang_s"
@@ -151,7 +150,7 @@ def test_client_side_errors_are_typed(client):
 
 def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):
     blocker = client.submit("embed", "bert", "w1", {HANG: 3})
-    _wait_running(client, blocker.id)
+    wait_for_state(client, blocker.id, "running")
     queued = [client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
     with pytest.raises(TryLater) as info:
         client.submit("embed", "bert", "w4")
@@ -166,7 +165,7 @@ def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):
 
 def test_priority_runs_first(client):
     blocker = client.submit("embed", "bert", "w1", {HANG: 2})
-    _wait_running(client, blocker.id)
+    wait_for_state(client, blocker.id, "running")
     low = client.submit("embed", "bert", "w2", priority=0)
     high = client.submit("embed", "bert", "w3", priority=9)
     low.result(60), high.result(60)
@@ -194,7 +193,7 @@ def test_inputs_longer_than_the_plan_allows_fail_the_job(client):
 
 def test_deadline_passes_while_queued(client):
     blocker = client.submit("embed", "bert", "w1", {HANG: 2})
-    _wait_running(client, blocker.id)
+    wait_for_state(client, blocker.id, "running")
     late = client.submit("embed", "bert", "w2", deadline_s=0.5)
     with pytest.raises(JobFailed) as info:
         late.result(60)
@@ -211,13 +210,6 @@ def test_result_outlives_the_client_and_resubmits_are_deduplicated(daemon):
     result = again.result(60)
     assert second.job(job.id)["result"] == result
     assert second.status()["jobs"].get("done", 0) >= 1
-
-
-def _wait_running(client: Client, job_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while client.job(job_id)["state"] != "running":
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.05)
 
 
 def test_protocol_limits_are_checked_before_decoding_the_whole_message():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_support import NotifySocket, start_daemon, write_config
+from daemon_support import NotifySocket, start_daemon, wait_for_state, write_config
 from hermes_client import ServerError
 
 HANG = "_test_hang_s"
@@ -26,14 +26,6 @@ PROMPT = "w5 w17 w230 w42"
 def _models(stores, **extra):
     return {"llama": {"store": stores["llama"], "max_new_tokens": 32},
             "bert": {"store": stores["bert"]}, **extra}
-
-
-def _wait_state(client, job_id, state, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while (record := client.job(job_id))["state"] != state:
-        assert time.monotonic() < deadline, f"job {job_id} stayed {record['state']}"
-        time.sleep(0.05)
-    return record
 
 
 def test_notify_ready_status_watchdog_and_stopping(daemon_stores, tmp_path):
@@ -70,7 +62,7 @@ def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(d
     daemon = start_daemon(tmp_path)
     client = daemon.client()
     running = client.submit("embed", "bert", "w1", {HANG: 3})
-    _wait_state(client, running.id, "running")
+    wait_for_state(client, running.id, "running")
     queued = [client.submit("embed", "bert", f"w{i}") for i in range(2, 5)]
     daemon.send_signal(signal.SIGTERM)
     daemon.notify.wait_for(lambda m: m.get("STOPPING") == "1", 10)
@@ -101,7 +93,7 @@ def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stor
     daemon = start_daemon(tmp_path)
     client = daemon.client()
     running = client.submit("embed", "bert", "w1", {HANG: 30})
-    _wait_state(client, running.id, "running")
+    wait_for_state(client, running.id, "running")
     queued = [client.submit("generate", "llama", PROMPT, {"max_new_tokens": 4}),
               client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -109,7 +101,7 @@ def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stor
     again = start_daemon(tmp_path)  # the same state directory, as after Restart=on-failure
     client = again.client()
     ids = [running.id] + [job.id for job in queued]
-    records = {job_id: _wait_state(client, job_id, "done", timeout=120) for job_id in ids}
+    records = {job_id: wait_for_state(client, job_id, "done", timeout=120) for job_id in ids}
     assert records[running.id]["attempts"] == 2  # it was running at the kill, so it ran again
     assert all(records[job.id]["attempts"] == 1 for job in queued)  # queued ones ran exactly once
     assert records[queued[0].id]["result"]["new_tokens"] == 4
@@ -125,7 +117,7 @@ def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
     daemon = start_daemon(tmp_path)
     client = daemon.client()
     blocker = client.submit("embed", "bert", "w1", {HANG: 3})
-    _wait_state(client, blocker.id, "running")
+    wait_for_state(client, blocker.id, "running")
     queued = [client.submit("embed", "bert", f"w{i}") for i in (2, 3)]
 
     write_config(tmp_path, _models(daemon_stores, cls={"store": daemon_stores["bert-cls"]}),

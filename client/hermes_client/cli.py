@@ -176,8 +176,8 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     print(f"{status['state']}: {status['queued']} queued, "
           f"{'running ' + current['id'] + ' (' + current['model'] + ' ' + current['task'] + ')' if current else 'idle'}")
     print(f"memory: rss {status['memory']['rss_bytes'] / 2**20:.0f} MiB")
-    for line in status.get("watchdogs", {}).get("lines", []):
-        print(line)
+    if status.get("watchdogs", {}).get("summary"):
+        print(status["watchdogs"]["summary"])
     print("jobs: " + (", ".join(f"{count} {state}" for state, count in sorted(status["jobs"].items())) or "none"))
     return EXIT_OK
 
