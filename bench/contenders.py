@@ -74,9 +74,9 @@ def run_hermesd(args: argparse.Namespace, ids: torch.Tensor, prefetch: int | Non
 
 def run_io_only(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
     """Every stage read once with hermesd's reader on ``--loaders`` threads (alternate stages), no compute."""
-    from hermesd.bufferpool import map_memory
-    from hermesd.manifest import Manifest
-    from hermesd.reader import StageReader
+    from hermesd.engine.bufferpool import map_memory
+    from hermesd.store.manifest import Manifest
+    from hermesd.engine.reader import StageReader
 
     manifest = Manifest.load(args.store)
     reader = StageReader(args.store, manifest)

@@ -15,7 +15,7 @@ import torch
 
 import hermesd
 from bench.harness import emit_json_line, make_cold, vm_hwm_bytes, weight_files
-from hermesd.budget import Plan
+from hermesd.plan.budget import Plan
 
 
 def main() -> int:

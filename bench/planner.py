@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import median, run_json_child
-from hermesd.planner import Prediction, best_for_depth, choose_plan, evaluate, minimum_budget
-from hermesd.profile_model import Profile
-from hermesd.workload import Workload
+from hermesd.plan.planner import Prediction, best_for_depth, choose_plan, evaluate, minimum_budget
+from hermesd.plan.profile import Profile
+from hermesd.plan.workload import Workload
 
 CONFIGS = Path(__file__).parent / "configs"
 MODELS = {

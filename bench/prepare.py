@@ -134,7 +134,7 @@ def ensure_airllm_split(prepared: Prepared, python: str, timeout: float) -> dict
 
 def prepare(scenario: Scenario, data: Path, folder: Path, timeout: float = 3600) -> Prepared:
     """Store, twin, profile and plans of ``scenario`` (AirLLM's split is done by the suite when used)."""
-    from hermesd.manifest import Manifest
+    from hermesd.store.manifest import Manifest
 
     store = ensure_store(scenario, data, timeout)
     twin = data / f"{scenario.store}-hf"

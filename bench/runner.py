@@ -50,7 +50,7 @@ def _timed_workload(model: Any, args: argparse.Namespace, started: float, dtype:
 def run_hermesd(args: argparse.Namespace) -> dict[str, Any]:
     """hermesd.load with the plan the planner chose (``--plan``), then the workload."""
     import hermesd
-    from hermesd.budget import Plan
+    from hermesd.plan.budget import Plan
 
     plan = Plan.from_dict(json.loads(args.plan.read_text(encoding="utf-8"))["plan"])
     started = time.perf_counter()

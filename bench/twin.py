@@ -49,7 +49,7 @@ def export_twin(store_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     """
     from safetensors.torch import load_file, save_file
 
-    from hermesd.manifest import Manifest
+    from hermesd.store.manifest import Manifest
 
     store_dir, out_dir = Path(store_dir), Path(out_dir)
     if is_complete(store_dir, out_dir):
@@ -95,7 +95,7 @@ def verify_twin(store_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
     import transformers
     from safetensors.torch import load_file
 
-    from hermesd.manifest import Manifest
+    from hermesd.store.manifest import Manifest
 
     started = time.perf_counter()
     manifest = Manifest.load(store_dir)

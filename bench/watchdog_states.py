@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon_support import save_tiny_tokenizer, start_daemon, write_config  # noqa: E402
 
-from hermesd.manifest import Manifest  # noqa: E402
+from hermesd.store.manifest import Manifest  # noqa: E402
 
 PROMPT_TOKENS = 128
 HOLD_S = 2.0

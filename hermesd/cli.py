@@ -137,7 +137,7 @@ def _at_least(minimum: int):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from hermesd.convert import convert, open_source
+    from hermesd.store.convert import convert, open_source
 
     if args.random_config is not None and len(args.paths) != 1:
         raise HermesError("with --random-config give only DEST")
@@ -168,9 +168,9 @@ def _print_progress(done: int, total: int, name: str, nbytes: int) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hermesd import memory
-    from hermesd.budget import fit_plan
-    from hermesd.manifest import Manifest
-    from hermesd.reader import StageReader
+    from hermesd.plan.budget import fit_plan
+    from hermesd.store.manifest import Manifest
+    from hermesd.engine.reader import StageReader
 
     manifest = Manifest.load(args.store)
     reader = StageReader(args.store, manifest)
@@ -193,25 +193,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fresh_or_new_profile(store: Path, force: bool = False, tokens: int = 128):
-    from hermesd.profiler import load_fresh_profile, profile_path, profile_store
+def _profile_of(store: Path, force: bool = False, tokens: int = 128):
+    from hermesd.planning import obtain_profile
 
-    profile = None if force else load_fresh_profile(store)
-    if profile is None:
-        print(f"profiling {store} (a few passes over the model)…", file=sys.stderr)
-        profile = profile_store(store, reference_tokens=tokens,
-                                progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
-        try:
-            profile.save(profile_path(store))
-        except OSError as exc:
-            print(f"hermesd: warning: cannot save the profile: {exc}", file=sys.stderr)
-    return profile
+    return obtain_profile(store, "force" if force else "if-missing", reference_tokens=tokens,
+                          progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    profile = _fresh_or_new_profile(args.store, args.force, args.tokens)
+    profile = _profile_of(args.store, args.force, args.tokens)
     if args.json:
         print(json.dumps(asdict(profile)))
         return 0
@@ -227,16 +219,16 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from hermesd.planner import choose_plan, describe, explain
-    from hermesd.plans import save_plan
-    from hermesd.units import parse_size
-    from hermesd.workload import Workload
+    from hermesd.plan.planner import describe, explain
+    from hermesd.plan.saved import save_plan
+    from hermesd.plan.workload import Workload
+    from hermesd.planning import resolve
 
     workload = Workload.parse(args.workload)
-    budget = parse_size(args.memory_budget)
-    profile = _fresh_or_new_profile(args.store)
     depths = range(args.prefetch, args.prefetch + 1) if args.prefetch is not None else range(5)
-    prediction = choose_plan(profile, budget, workload, depths)
+    resolved = resolve(args.store, args.memory_budget, workload, profile="if-missing", depths=depths, use_saved=False,
+                       progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    profile, prediction = resolved.profile, resolved.prediction
     saved = save_plan(args.store, prediction, workload, profile)
     lines = explain(profile, prediction, workload) if args.explain else describe(profile, prediction)
     if args.json:
@@ -271,8 +263,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from hermesd.config import ConfigError, load_settings
-    from hermesd.server import EX_CONFIG, serve
+    from hermesd.daemon.config import ConfigError, load_settings
+    from hermesd.daemon.server import EX_CONFIG, serve
 
     if not args.check:
         return serve(args.config)

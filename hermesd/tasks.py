@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from hermesd.engine import Engine
+from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
 
 TASKS = ("generate", "embed", "classify", "forward")

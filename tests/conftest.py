@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from bench.harness import evict  # noqa: F401  (re-exported for the tests)
-from hermesd.convert import convert, open_source
+from hermesd.store.convert import convert, open_source
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from hermesd.budget import RUNTIME_MARGIN, activation_bytes, fit_plan, window_bytes
-from hermesd.bufferpool import ring_stalls
+from hermesd.plan.budget import RUNTIME_MARGIN, activation_bytes, fit_plan, window_bytes
+from hermesd.plan.ring import ring_stalls
 from hermesd.errors import BudgetError
-from hermesd.workload import Workload
-from hermesd.manifest import Manifest, StageEntry
+from hermesd.plan.workload import Workload
+from hermesd.store.manifest import Manifest, StageEntry
 
 MIB = 1 << 20
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hermesd.bufferpool import PAGE, RingPool, ring_stalls, smallest_stall_free_ring
+from hermesd.engine.bufferpool import PAGE, RingPool
+from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
 
 P = PAGE
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hermesd.config import ConfigError, ModelSettings, Settings, load_settings
+from hermesd.daemon.config import ConfigError, ModelSettings, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "hermesd.toml"
 

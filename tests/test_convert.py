@@ -11,10 +11,10 @@ import transformers
 from safetensors import safe_open
 
 import hermesd
-from hermesd.convert import convert, open_source
+from hermesd.store.convert import convert, open_source
 from hermesd.errors import ConvertError, UnsupportedModelError
-from hermesd.manifest import FORMAT_VERSION, Manifest
-from hermesd.safetensors_io import ALIGNMENT
+from hermesd.store.manifest import FORMAT_VERSION, Manifest
+from hermesd.store.safetensors_io import ALIGNMENT
 
 from conftest import make_hf_model
 

@@ -7,7 +7,7 @@ import torch
 
 import hermesd
 from hermesd.errors import BudgetError
-from hermesd.manifest import Manifest
+from hermesd.store.manifest import Manifest
 
 from conftest import ARCHS, CAUSAL, VOCAB
 
@@ -142,7 +142,7 @@ def test_streaming_leaves_no_weights_in_the_page_cache(converted, direct):
 def test_stage_inputs_with_a_parents_strides_get_standard_strides():
     # generate's hidden[:, -1:, :] counts as contiguous but keeps the prompt's batch stride; PyTorch's
     # CPU bf16 matmul then copies the whole weight (2 s, +500 MiB for a Llama-1B head). Same values.
-    from hermesd.runtime import _standard_strides
+    from hermesd.engine.runtime import _standard_strides
 
     hidden = torch.randn(1, 128, 64, dtype=torch.bfloat16)
     last = hidden[:, -1:, :]
@@ -155,7 +155,7 @@ def test_stage_inputs_with_a_parents_strides_get_standard_strides():
 
 def test_bf16_generation_matches_the_full_model_with_restrided_head_inputs(tmp_path):
     from conftest import make_hf_model
-    from hermesd.convert import convert, open_source
+    from hermesd.store.convert import convert, open_source
     import transformers
 
     _, hf_dir = make_hf_model("llama", tmp_path, dtype=torch.bfloat16)

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from hermes_client import JobState
-from hermesd.jobs import JobQueue, QueuedJob, Refused
-from hermesd.journal import JobRecord, Journal
+from hermesd.daemon.jobs import JobQueue, QueuedJob, Refused
+from hermesd.daemon.journal import JobRecord, Journal
 
 
 def _record(job_id: str, **fields) -> JobRecord:

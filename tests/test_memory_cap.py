@@ -11,8 +11,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from hermesd.convert import convert, open_source
-from hermesd.manifest import Manifest
+from hermesd.store.convert import convert, open_source
+from hermesd.store.manifest import Manifest
 
 from bench.cgroup import run_capped, unavailable_reason
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from hermesd.errors import BudgetError
-from hermesd.planner import choose_plan, explain, minimum_budget, simulate
-from hermesd.profile_model import Profile, StageCost
-from hermesd.workload import Workload
+from hermesd.plan.planner import choose_plan, explain, minimum_budget, simulate
+from hermesd.plan.profile import Profile, StageCost
+from hermesd.plan.workload import Workload
 
 MIB = 1 << 20
 

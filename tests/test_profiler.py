@@ -9,12 +9,13 @@ import sys
 import pytest
 
 import hermesd
-from hermesd.manifest import Manifest
-from hermesd.planner import choose_plan
-from hermesd.plans import save_plan, saved_plan
-from hermesd.profile_model import Profile
-from hermesd.profiler import fingerprint, load_fresh_profile, profile_path, profile_store
-from hermesd.workload import Workload
+from hermesd.store.manifest import Manifest
+from hermesd.plan.planner import choose_plan
+from hermesd.plan.saved import save_plan, saved_plan
+from hermesd.plan.profile import Profile
+from hermesd.plan.profile import fingerprint, load_fresh_profile, profile_path
+from hermesd.profiling import profile_store
+from hermesd.plan.workload import Workload
 
 
 @pytest.fixture(scope="module")

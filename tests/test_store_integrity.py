@@ -10,8 +10,8 @@ import torch
 
 import hermesd
 from hermesd.errors import StageIntegrityError, StoreError, UnsupportedModelError
-from hermesd.manifest import MANIFEST_NAME, Manifest
-from hermesd.verify import VERIFIED_NAME
+from hermesd.store.manifest import MANIFEST_NAME, Manifest
+from hermesd.store.verify import VERIFIED_NAME
 
 PROMPT = torch.tensor([[5, 6, 7, 8]])
 
@@ -76,7 +76,7 @@ def test_a_verified_store_is_not_hashed_again(converted, store_copy, monkeypatch
     _run(store)  # the copy has new inodes: this run hashes each file once and records it
     records = json.loads((store / VERIFIED_NAME).read_text())
     assert set(records) == {s.file for s in Manifest.load(store).stages}
-    from hermesd import reader
+    from hermesd.engine import reader
 
     def refuse(*args):
         raise AssertionError("hashed a file that was already verified")

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import hermesd
-from hermesd.convert import convert, open_source
+from hermesd.store.convert import convert, open_source
 from hermesd.errors import TaskError
 from hermesd.tasks import GenerateParams, run_task
 

@@ -15,8 +15,8 @@ import hermesd
 from daemon_support import start_daemon, write_config
 from hermes_client import ErrorCode, TryLater
 from hermesd import memory
-from hermesd.convert import convert, open_source
-from hermesd.sensors import read_temperature
+from hermesd.store.convert import convert, open_source
+from hermesd.watchdog.sensors import read_temperature
 
 PROMPT = "w5 w17 w230 w42"
 

@@ -14,11 +14,11 @@ import torch
 
 from hermesd import memory
 from hermesd.errors import ConvertError
-from hermesd.manifest import Manifest, StageEntry, TiedRef
-from hermesd.safetensors_io import write_stage_file
-from hermesd.sources import GGUFSource, HFDirSource, RandomSource, Source
-from hermesd.stages import StageSpec, build_skeleton, find_stages
-from hermesd.verify import record_verified
+from hermesd.store.manifest import Manifest, StageEntry, TiedRef
+from hermesd.store.safetensors_io import write_stage_file
+from hermesd.store.sources import GGUFSource, HFDirSource, RandomSource, Source
+from hermesd.store.stages import StageSpec, build_skeleton, find_stages
+from hermesd.store.verify import record_verified
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}

@@ -1,19 +1,11 @@
-"""Memory for streamed stages: one pre-faulted arena used as a ring, plus on-demand overdrafts.
+"""Ring arithmetic for stage buffers, without memory: where each stage lands, and whether a ring stalls.
 
-Measured here: O_DIRECT reads into freshly mapped memory run at ~0.6 GB/s and cost ~1.3 s of CPU per
-GB in page faults, against ~2.5 GB/s into memory already faulted in (and ~3 GB/s on huge pages). Loader threads faulting pages
-steal the cores compute needs. So the pool maps and faults its whole arena once, when the engine
-loads, and never maps again while streaming.
-
-Stages are loaded and released in execution order, so allocation is FIFO and a ring fits. A stage
-is placed at the ring's head, or wraps to its start when the tail end is too short. A release frees
-its region; space is reclaimed from the oldest region on. An out-of-order (on-demand) load gets a
-separate buffer, mapped for that one read, so execution always moves on.
+The engine's pool (``hermesd.engine.bufferpool.RingPool``) hands out regions by exactly these rules;
+the planner replays them to size a ring that never holds prefetch back.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import threading
 from collections import deque
@@ -26,25 +18,9 @@ def round_up(size: int, multiple: int = PAGE) -> int:
     return -(-size // multiple) * multiple
 
 
-def map_memory(size: int, populate: bool = True) -> mmap.mmap:
-    """Anonymous, page-aligned memory on transparent huge pages where the kernel allows them.
-
-    Huge pages matter for O_DIRECT: each read pins the pages it fills, and with 2 MiB pages that
-    kernel work fell 8x (0.11 s to 0.014 s of system time per 3 GB read, measured here), time the
-    loader threads would otherwise take from compute. ``populate`` faults every page in now (the
-    kernel zeroes them) rather than in the middle of a streamed run.
-    """
-    memory = mmap.mmap(-1, max(size, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        memory.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, or the pages are already small
-    if populate:
-        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(memory)), 0, len(memory))
-    return memory
-
-
 @dataclass(eq=False)
 class Region:
-    """A page-aligned span of pool memory holding one stage; ``view`` is what reads fill."""
+    """A page-aligned span of the ring holding one stage; ``view`` is what reads fill (empty unbacked)."""
 
     offset: int
     size: int
@@ -53,17 +29,15 @@ class Region:
     overdraft: bool = False
 
 
-class RingPool:
-    """Hands out regions of one pre-faulted arena in FIFO order; never maps memory while streaming.
+class RingLayout:
+    """Places regions in FIFO order in a ring of ``capacity`` bytes; bookkeeping only, no memory.
 
-    ``backed=False`` gives the same bookkeeping without memory, for plan-time simulation.
+    A stage is placed at the ring's head, or wraps to its start when the tail end is too short; a
+    release frees its region and space is reclaimed from the oldest region on.
     """
 
-    def __init__(self, capacity: int, backed: bool = True) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = round_up(capacity) if capacity else 0
-        self.backed = backed
-        self._arena = map_memory(self.capacity) if backed and self.capacity else None
-        self._view = memoryview(self._arena) if self._arena is not None else None
         self._live: deque[Region] = deque()
         self._head = 0
         self._lock = threading.Lock()
@@ -78,24 +52,21 @@ class RingPool:
             offset = self._place(size)
             if offset is None:
                 return None
-            view = self._view[offset : offset + size] if self._view is not None else memoryview(b"")
-            region = Region(offset, size, view)
+            region = Region(offset, size, self._view(offset, size))
             self._live.append(region)
             self._head = offset + size
             self._account(size)
             return region
 
     def acquire_overdraft(self, size: int) -> Region:
-        """A region from the ring if it fits now, else a separately mapped one (on-demand loads)."""
+        """A region from the ring if it fits now, else one outside it (an on-demand load)."""
         region = self.try_acquire(size)
         if region is not None:
             return region
         with self._lock:
             self.overdrafts += 1
             self._account(round_up(size))
-        # A pool of no capacity (every stage resident) still serves on-demand loads of shed stages.
-        view = memoryview(map_memory(size, populate=False)) if self.backed else memoryview(b"")
-        return Region(0, round_up(size), view, overdraft=True)
+        return Region(0, round_up(size), self._overdraft_view(size), overdraft=True)
 
     def release(self, region: Region) -> None:
         with self._lock:
@@ -105,6 +76,12 @@ class RingPool:
                 self._live.popleft()
             if not self._live:
                 self._head = 0
+
+    def _view(self, offset: int, size: int) -> memoryview:
+        return memoryview(b"")
+
+    def _overdraft_view(self, size: int) -> memoryview:
+        return memoryview(b"")
 
     def _place(self, size: int) -> int | None:
         """Offset where ``size`` contiguous free bytes start at the ring's head, or None."""
@@ -128,7 +105,7 @@ class RingPool:
 def ring_stalls(sizes: list[int], depth: int, capacity: int, passes: int = 2) -> int:
     """Times a ring of ``capacity`` bytes would hold the prefetcher back while streaming ``sizes``
     cyclically with ``depth`` loads ahead: a plan-time replay of Prefetcher's top-up rule."""
-    pool = RingPool(capacity, backed=False)
+    pool = RingLayout(capacity)
     order = [round_up(size) for size in sizes] * passes
     pending: deque[Region] = deque()
     cursor = 0

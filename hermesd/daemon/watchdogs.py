@@ -10,11 +10,11 @@ import logging
 import time
 from typing import Any
 
-from hermesd.config import Settings
-from hermesd.executor import Gate
-from hermesd.jobs import Refused
-from hermesd.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
-from hermesd.sensors import MemoryReading, Temperature, read_memory, read_temperature
+from hermesd.daemon.config import Settings
+from hermesd.daemon.executor import Gate
+from hermesd.daemon.jobs import Refused
+from hermesd.watchdog.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
+from hermesd.watchdog.sensors import MemoryReading, Temperature, read_memory, read_temperature
 
 log = logging.getLogger("hermesd.watchdog")
 READ_EVERY_S = 1.0

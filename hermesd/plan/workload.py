@@ -35,3 +35,7 @@ class Workload:
         if not 1 <= len(numbers) <= 3 or numbers[0] < 1 or any(n < 0 for n in numbers) or 0 in numbers[2:]:
             raise ValueError(f"workload {text!r}: expected PROMPT[:NEW[:BATCH]] with PROMPT, BATCH >= 1")
         return cls(*numbers)
+
+
+# What a plan is sized for when the caller names no workload: a 512-token prompt, one row.
+DEFAULT_WORKLOAD = Workload(prompt_tokens=512)

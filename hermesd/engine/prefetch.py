@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hermesd.bufferpool import Region, RingPool
-from hermesd.reader import StageReader
+from hermesd.engine.bufferpool import Region, RingPool
+from hermesd.engine.reader import StageReader
 
 
 @dataclass

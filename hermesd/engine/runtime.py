@@ -17,10 +17,10 @@ from torch import nn
 
 from hermesd import memory
 from hermesd.errors import StoreError
-from hermesd.manifest import Manifest, StageEntry
-from hermesd.prefetch import LoadedStage, Prefetcher
-from hermesd.reader import StageReader
-from hermesd.stats import RunStats, StageStats
+from hermesd.store.manifest import Manifest, StageEntry
+from hermesd.engine.prefetch import LoadedStage, Prefetcher
+from hermesd.engine.reader import StageReader
+from hermesd.engine.runstats import RunStats, StageStats
 
 TIMELINE_LIMIT = 20_000  # events kept per run; a long generation stops adding after this
 

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from hermes_client.protocol import ErrorCode
-from hermesd.config import MemoryWatchSettings, ThermalSettings
+from hermesd.daemon.config import MemoryWatchSettings, ThermalSettings
 
 
 class Thermal(enum.IntEnum):

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hermes_client.protocol import (MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, ErrorCode, Task)
-from hermesd.config import ModelSettings
+from hermesd.daemon.config import ModelSettings
 from hermesd.errors import TaskError
-from hermesd.journal import JobRecord
+from hermesd.daemon.journal import JobRecord
 from hermesd.tasks import check_inputs, check_params
 
 TEST_HANG_PARAM = "_test_hang_s"  # with testing_hooks on: the executor hangs this long (a wedged engine)

@@ -1,4 +1,4 @@
-"""The Execution Engine: ``hermesd.load(store)`` gives a transformers model that streams its weights."""
+"""The Execution Engine: a store opened under a plan, as a transformers model that streams its weights."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ from typing import Any, Callable
 
 import torch
 
-from hermesd import memory
-from hermesd.budget import Plan, fit_plan
-from hermesd.bufferpool import RingPool, map_memory
+from hermesd.plan.budget import Plan
+from hermesd.engine.bufferpool import RingPool, map_memory
 from hermesd.errors import TaskError
-from hermesd.manifest import Manifest
-from hermesd.prefetch import Prefetcher
-from hermesd.reader import StageReader
-from hermesd.runtime import StreamRuntime
-from hermesd.stages import build_skeleton, config_from_dict
-from hermesd.stats import RunStats
-from hermesd.units import parse_size
-from hermesd.workload import Workload
+from hermesd.store.manifest import Manifest
+from hermesd.engine.prefetch import Prefetcher
+from hermesd.engine.reader import StageReader
+from hermesd.engine.runtime import StreamRuntime
+from hermesd.store.stages import build_skeleton, config_from_dict
+from hermesd.engine.runstats import RunStats
 
 
 class Engine:
@@ -115,6 +112,20 @@ class Engine:
         self._runtime.detach()
         self._resident_memory.clear()
 
+    @classmethod
+    def open(cls, store_dir: str | os.PathLike[str], plan: Plan, direct_io: bool | None = None) -> "Engine":
+        """Open a store under ``plan`` (decided by ``hermesd.planning.resolve``): build the skeleton,
+        start the loaders, read the resident stages. ``direct_io`` forces O_DIRECT on or off."""
+        store_dir = Path(store_dir)
+        manifest = Manifest.load(store_dir)
+        _check_plan_covers(manifest, plan)
+        model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), getattr(torch, manifest.dtype))
+        reader = StageReader(store_dir, manifest, direct=direct_io)
+        prefetcher = Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed), plan.prefetch, plan.loaders)
+        runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
+        resident_memory = {name: _load_resident(reader, runtime, name) for name in plan.resident}
+        return cls(store_dir, manifest, model, plan, reader, runtime, resident_memory)
+
     def __enter__(self) -> "Engine":
         return self
 
@@ -122,39 +133,13 @@ class Engine:
         self.close()
 
 
-def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = None, prefetch: int | None = None,
-         resident: list[str] | str | None = None, loaders: int | None = None, direct_io: bool | None = None,
-         workload: Workload = Workload(prompt_tokens=512), plan: Plan | None = None) -> Engine:
-    """Open a store and return an Engine whose ``model`` streams stages under a memory plan.
-
-    memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
-        most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
-    prefetch: stages read ahead while one computes (k); default 2 (see budget.DEFAULT_PREFETCH).
-    resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
-    loaders: loader threads (default: one per prefetched stage).
-    direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.
-    plan: an explicit plan (from hermesd.planner). With only a budget given, the plan that
-        ``hermesd plan`` saved for that budget is used while the store's profile is fresh.
-    """
-    store_dir = Path(store_dir)
-    manifest = Manifest.load(store_dir)
-    config = config_from_dict(manifest.config)
-    model = build_skeleton(manifest.architecture, config, getattr(torch, manifest.dtype))
-    reader = StageReader(store_dir, manifest, direct=direct_io)
-    budget = parse_size(memory_budget) if memory_budget is not None else None
-    if plan is None and budget is not None and prefetch is None and resident is None and loaders is None:
-        from hermesd.plans import saved_plan  # deferred: plans -> profiler -> engine
-
-        plan = saved_plan(store_dir, budget)
-    if plan is None:
-        plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget, prefetch=prefetch,
-                        resident=resident, loaders=loaders, workload=workload)
-    runtime = StreamRuntime(model, manifest, reader,
-                            Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed),
-                                       plan.prefetch, plan.loaders),
-                            list(plan.streamed))
-    resident_memory = {name: _load_resident(reader, runtime, name) for name in plan.resident}
-    return Engine(store_dir, manifest, model, plan, reader, runtime, resident_memory)
+def _check_plan_covers(manifest: Manifest, plan: Plan) -> None:
+    """A plan names every stage once, resident or streamed (a saved plan may be for another store)."""
+    names = [s.name for s in manifest.stages]
+    planned = list(plan.resident) + list(plan.streamed)
+    if sorted(planned) != sorted(names):
+        raise ValueError(f"the plan does not cover this store's stages exactly (plan: {len(planned)} names, "
+                         f"store: {len(names)} stages)")
 
 
 def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mmap.mmap:

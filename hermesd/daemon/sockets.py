@@ -8,7 +8,7 @@ from pathlib import Path
 
 import zmq
 
-from hermesd.config import ConfigError, Settings
+from hermesd.daemon.config import ConfigError, Settings
 
 
 def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, list[str]]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from hermesd.bufferpool import PAGE, map_memory, round_up
+from hermesd.engine.bufferpool import PAGE, map_memory, round_up
 from hermesd.errors import StageIntegrityError
-from hermesd.manifest import Manifest, StageEntry, TensorEntry
-from hermesd.safetensors_io import ST_TO_TORCH, parse_header, tensor_view
-from hermesd.verify import Verifier
+from hermesd.store.manifest import Manifest, StageEntry, TensorEntry
+from hermesd.store.safetensors_io import ST_TO_TORCH, parse_header, tensor_view
+from hermesd.store.verify import Verifier
 
 CHUNK = 64 << 20  # bytes per read syscall: large enough for full disk speed, bounded for the kernel
 

@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 
 from hermesd.errors import ConvertError, UnsupportedModelError
-from hermesd.stages import StageSpec, config_from_dict
+from hermesd.store.stages import StageSpec, config_from_dict
 
 # Tokenizer and processor files copied beside the stages so a store is self-contained.
 SIDE_FILES = (

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from hermes_client.protocol import ErrorCode, JobState
 from hermesd.errors import HermesError, StoreError, TaskError
-from hermesd.hosting import ModelHost
-from hermesd.jobs import TEST_HANG_PARAM, JobQueue, QueuedJob
+from hermesd.daemon.hosting import ModelHost
+from hermesd.daemon.jobs import TEST_HANG_PARAM, JobQueue, QueuedJob
 from hermesd.tasks import run_task
 
 log = logging.getLogger("hermesd.executor")

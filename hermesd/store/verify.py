@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-from hermesd.manifest import Manifest
+from hermesd.store.manifest import Manifest
 
 VERIFIED_NAME = ".verified.json"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from hermes_client.protocol import Reply
 from hermesd import memory
-from hermesd.jobs import QueuedJob
+from hermesd.daemon.jobs import QueuedJob
 
 
 @dataclass

@@ -24,17 +24,18 @@ import zmq
 
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Op, Reply
-from hermesd import __version__, logs
-from hermesd.config import ConfigError, Settings, load_settings
+from hermesd import __version__
+from hermesd.daemon import logs
+from hermesd.daemon.config import ConfigError, Settings, load_settings
 from hermesd.errors import HermesError
-from hermesd.executor import Event, Executor
-from hermesd.hosting import ModelHost, open_model
-from hermesd.jobs import JobQueue, QueuedJob, Refused, validate_submit
-from hermesd.journal import Journal, JobRecord
-from hermesd.notify import Notifier
-from hermesd.sockets import WakePair, open_router
-from hermesd.status import DaemonView, status_line, status_reply
-from hermesd.watch import Watchdogs
+from hermesd.daemon.executor import Event, Executor
+from hermesd.daemon.hosting import ModelHost, open_model
+from hermesd.daemon.jobs import JobQueue, QueuedJob, Refused, validate_submit
+from hermesd.daemon.journal import Journal, JobRecord
+from hermesd.daemon.notify import Notifier
+from hermesd.daemon.sockets import WakePair, open_router
+from hermesd.daemon.status_report import DaemonView, status_line, status_reply
+from hermesd.daemon.watchdogs import Watchdogs
 
 log = logging.getLogger("hermesd.server")
 EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78

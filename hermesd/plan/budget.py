@@ -7,7 +7,7 @@ The pool is a ring (see bufferpool). It needs at least the largest sum of (depth
 streamed stages (the window), which is what it gets without a budget. With a budget that allows it,
 it gets the smallest size at which it never holds back prefetch, at most (depth + 1) x the largest stage.
 This module computes that bound and fits a plan under a budget. It is deliberately simple; the
-profiled Pipeline Planner (hermesd.planner) chooses among plans by predicted latency.
+profiled Pipeline Planner (hermesd.plan.planner) chooses among plans by predicted latency.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from hermesd.bufferpool import ring_stalls, smallest_stall_free_ring
+from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
 from hermesd.errors import BudgetError
-from hermesd.manifest import Manifest
+from hermesd.store.manifest import Manifest
 from hermesd.units import format_size
-from hermesd.workload import Workload
+from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
 
 # Growth of the runtime during the first run (oneDNN primitives, thread pools, allocator caches),
 # measured at 30-60 MiB on GPT-2 and Llama shapes here; rounded up.
@@ -96,7 +96,7 @@ def _first(cfg: dict, *keys: str, default: int) -> int:
 
 def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes: int, *,
              budget: int | None = None, prefetch: int | None = None, resident: list[str] | str | None = None,
-             loaders: int | None = None, workload: Workload = Workload(prompt_tokens=512)) -> Plan:
+             loaders: int | None = None, workload: Workload = DEFAULT_WORKLOAD) -> Plan:
     """The plan for these settings; with a budget, the deepest prefetch and most residency that fit."""
     pinned = [s.name for s in manifest.stages if s.kind == "pinned"]
     names = [s.name for s in manifest.stages]

@@ -11,9 +11,7 @@ Then a sample of stage files is read buffered, cold and warm, for the page-cache
 
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,43 +19,15 @@ from typing import Callable
 import torch
 
 from hermesd import memory
-from hermesd.engine import Engine, load
-from hermesd.manifest import MANIFEST_NAME, Manifest
-from hermesd.profile_model import Profile, StageCost
-from hermesd.stats import RunStats
+from hermesd.engine.engine import Engine
+from hermesd.engine.reader import StageReader
+from hermesd.plan.budget import fit_plan
+from hermesd.store.manifest import Manifest
+from hermesd.plan.profile import Profile, StageCost, fingerprint
+from hermesd.engine.runstats import RunStats
 
-PROFILE_NAME = "profile.json"
 BUFFERED_SAMPLE_BYTES = 512 << 20
 ProgressFn = Callable[[str], None]
-
-
-def fingerprint(store_dir: Path) -> dict[str, object]:
-    """What the measurements depend on: machine, software, the store's exact contents, its filesystem."""
-    import transformers
-
-    import hermesd
-
-    return {
-        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "ram_bytes": _mem_total(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "hermesd": hermesd.__version__,
-        "python": platform.python_version(),
-        "store_sha256": hashlib.sha256((store_dir / MANIFEST_NAME).read_bytes()).hexdigest(),
-        "filesystem": _filesystem(store_dir),
-    }
-
-
-def profile_path(store_dir: Path) -> Path:
-    return Path(store_dir) / PROFILE_NAME
-
-
-def load_fresh_profile(store_dir: Path) -> Profile | None:
-    """The saved profile if it exists and its fingerprint still matches; None if missing or stale."""
-    path = profile_path(store_dir)
-    try:
-        saved = Profile.load(path)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return saved if saved.fingerprint == fingerprint(Path(store_dir)) else None
 
 
 def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128,
@@ -67,7 +37,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     say = progress or (lambda message: None)
     started = time.perf_counter()
     manifest = Manifest.load(store_dir)
-    with load(store_dir, prefetch=0) as engine:
+    with _open(store_dir, manifest, prefetch=0) as engine:
         runtime = memory.rss_bytes() - engine.plan.pool_bytes
         causal = engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
         baseline = memory.rss_bytes()
@@ -91,7 +61,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
         direct = engine.reader.direct
     say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while a loader reads")
-    with load(store_dir, prefetch=1) as engine:
+    with _open(store_dir, manifest, prefetch=1) as engine:
         overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
     say("buffered read speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
@@ -109,6 +79,12 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,
         profile_seconds=time.perf_counter() - started,
         notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
+
+
+def _open(store_dir: Path, manifest: Manifest, prefetch: int) -> Engine:
+    """The store with nothing resident and ``prefetch`` stages read ahead (the measuring setups)."""
+    plan = fit_plan(manifest, StageReader(store_dir, manifest).span, memory.rss_bytes(), prefetch=prefetch)
+    return Engine.open(store_dir, plan)
 
 
 def _pass(engine: Engine, store_dir: Path, inputs: dict, **options) -> tuple[RunStats, object]:
@@ -176,32 +152,3 @@ def _evict(store_dir: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo", encoding="ascii") as handle:
-        return int(handle.readline().split()[1]) * 1024
-
-
-def _filesystem(path: Path) -> str:
-    """Type of the filesystem holding ``path``, from /proc/mounts (longest matching mount point)."""
-    target, best = str(Path(path).resolve()), ("", "unknown")
-    with open("/proc/mounts", encoding="utf-8") as handle:
-        for line in handle:
-            fields = line.split()
-            point = fields[1]
-            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
-                best = (point, fields[2])
-    return best[1]

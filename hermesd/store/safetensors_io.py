@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hermesd.manifest import DTYPE_SIZES, TensorEntry
+from hermesd.store.manifest import DTYPE_SIZES, TensorEntry
 
 ALIGNMENT = 4096
 MAX_HEADER_BYTES = 64 << 20

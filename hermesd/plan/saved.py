@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hermesd.budget import Plan
-from hermesd.manifest import Manifest
-from hermesd.planner import Prediction
-from hermesd.profile_model import Profile
-from hermesd.profiler import load_fresh_profile
-from hermesd.workload import Workload
+from hermesd.plan.budget import Plan
+from hermesd.store.manifest import Manifest
+from hermesd.plan.planner import Prediction
+from hermesd.plan.profile import Profile
+from hermesd.plan.workload import Workload
 
 PLANS_DIR = "plans"
 
@@ -29,16 +28,21 @@ def save_plan(store_dir: Path, prediction: Prediction, workload: Workload, profi
     return path
 
 
-def saved_plan(store_dir: Path, budget: int, workload: Workload | None = None) -> Plan | None:
-    """The saved plan for ``budget`` (that workload's, else the newest), if its profile is still fresh."""
+def saved_plan(store_dir: Path, budget: int, workload: Workload | None = None,
+               manifest: Manifest | None = None) -> Plan | None:
+    """The saved plan for ``budget`` (that workload's, else the newest), if it still covers the store's stages.
+
+    Whether the profile behind it is still fresh is the caller's question (``hermesd.planning.resolve``
+    asks it once per decision).
+    """
     folder = Path(store_dir) / PLANS_DIR
     pattern = f"{budget}-{workload.label()}.json" if workload else f"{budget}-*.json"
     candidates = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-    if not candidates or load_fresh_profile(Path(store_dir)) is None:
+    if not candidates:
         return None
     try:
         plan = Plan.from_dict(json.loads(candidates[0].read_text(encoding="utf-8"))["plan"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    names = {s.name for s in Manifest.load(store_dir).stages}
+    names = {s.name for s in (manifest or Manifest.load(store_dir)).stages}
     return plan if set(plan.resident) | set(plan.streamed) == names else None

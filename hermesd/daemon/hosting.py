@@ -6,11 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hermesd.config import ConfigError, ModelSettings
-from hermesd.engine import Engine, load
+from hermesd.daemon.config import ConfigError, ModelSettings
+from hermesd.engine import Engine
 from hermesd.errors import BudgetError, StoreError
-from hermesd.manifest import Manifest
-from hermesd.workload import Workload
+from hermesd.store.manifest import Manifest
+from hermesd.plan.workload import Workload
+from hermesd.planning import resolve
 
 log = logging.getLogger("hermesd.models")
 
@@ -22,7 +23,7 @@ class ModelHost:
     name: str
     settings: ModelSettings
     engine: Engine
-    plan_source: str  # "planner (profile)", "saved plan" or "fit"
+    plan_source: str  # "planner", "saved plan" or "fit" (hermesd.planning.Resolved.source)
 
     def describe(self) -> dict[str, Any]:
         """The model as the protocol's ``models`` reply shows it."""
@@ -47,52 +48,31 @@ def workload_of(settings: ModelSettings) -> Workload:
 
 
 def open_model(name: str, settings: ModelSettings, progress: Callable[[str], None] = lambda _: None) -> ModelHost:
-    """Open a model's store under the best plan available for its budget.
+    """Open a model's store under the plan ``hermesd.planning.resolve`` decides for its settings.
 
-    With a budget: the planner's choice from a fresh profile (profiling first if ``profile`` is set and
-    no fresh profile exists), else the engine's own fit. A missing store or a budget below the model's
-    minimum is a ConfigError: the config names something that cannot work.
+    With a budget: a saved plan or the planner's choice from a fresh profile (profiling first if
+    ``profile`` is set and no fresh profile exists), else the fit. A missing store or a budget below
+    the model's minimum is a ConfigError: the config names something that cannot work.
     """
     try:
         Manifest.load(settings.store)
     except StoreError as exc:
         raise ConfigError(f"models.{name}.store: {exc}") from None
-    plan, source = None, "fit"
-    budget = settings.budget_bytes
-    explicit = settings.prefetch is not None or settings.resident is not None
-    if budget is not None and not explicit:
-        plan, source = _planned(name, settings, progress)
+
+    def say(message: str) -> None:
+        progress(f"model {name}: {message}")
+        log.info("model %s: %s", name, message)
+
     try:
-        engine = load(settings.store, memory_budget=budget, prefetch=settings.prefetch, resident=settings.resident,
-                      workload=workload_of(settings), plan=plan)
+        resolved = resolve(settings.store, settings.budget_bytes, workload_of(settings), prefetch=settings.prefetch,
+                           resident=settings.resident, profile="if-missing" if settings.profile else "if-fresh",
+                           progress=say)
+        engine = Engine.open(settings.store, resolved.plan)
     except BudgetError as exc:
         raise ConfigError(f"models.{name}.memory_budget: {exc}") from None
     except ValueError as exc:  # unknown resident stage names
         raise ConfigError(f"models.{name}: {exc}") from None
     engine.max_input_tokens = settings.max_prompt_tokens
-    host = ModelHost(name, settings, engine, source)
+    host = ModelHost(name, settings, engine, resolved.source)
     log.info("model %s ready: %s", name, host.describe()["plan_summary"])
     return host
-
-
-def _planned(name: str, settings: ModelSettings, progress: Callable[[str], None]):
-    """(plan, source) from the Pipeline Planner when a profile is (or is made) available, else (None, "fit")."""
-    from hermesd.planner import choose_plan
-    from hermesd.profiler import load_fresh_profile, profile_path, profile_store
-
-    profile = load_fresh_profile(settings.store)
-    if profile is None and settings.profile:
-        progress(f"profiling model {name}")
-        log.info("profiling model %s (no fresh profile in %s)", name, settings.store)
-        profile = profile_store(settings.store, progress=lambda message: log.info("profile %s: %s", name, message))
-        try:
-            profile.save(profile_path(settings.store))
-        except OSError as exc:
-            log.warning("model %s: cannot save its profile: %s", name, exc)
-    if profile is None:
-        return None, "fit"
-    try:
-        prediction = choose_plan(profile, settings.budget_bytes, workload_of(settings))
-    except BudgetError as exc:
-        raise ConfigError(f"models.{name}.memory_budget: {exc}") from None
-    return prediction.plan, "planner"

@@ -7,11 +7,19 @@ machine or the store is stale and is measured again.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
+from importlib import metadata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hermesd import __version__
+from hermesd.store.manifest import MANIFEST_NAME
+
+PROFILE_NAME = "profile.json"
 PROFILE_VERSION = 3  # 2: activation peak includes decode; 3: decode compute from a second step
 
 
@@ -64,3 +72,59 @@ class Profile:
             raise ValueError(f"{path}: profile version {raw.get('version')} (expected {PROFILE_VERSION})")
         raw["stages"] = [StageCost(**s) for s in raw["stages"]]
         return cls(**raw)
+
+
+def fingerprint(store_dir: Path) -> dict[str, object]:
+    """What the measurements depend on: machine, software, the store's exact contents, its filesystem."""
+    return {
+        "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "ram_bytes": _mem_total(),
+        # package metadata, not imports: planning must not pull in torch or transformers
+        "torch": metadata.version("torch"), "transformers": metadata.version("transformers"),
+        "hermesd": __version__,
+        "python": platform.python_version(),
+        "store_sha256": hashlib.sha256((store_dir / MANIFEST_NAME).read_bytes()).hexdigest(),
+        "filesystem": _filesystem(store_dir),
+    }
+
+
+def profile_path(store_dir: Path) -> Path:
+    return Path(store_dir) / PROFILE_NAME
+
+
+def load_fresh_profile(store_dir: Path) -> Profile | None:
+    """The saved profile if it exists and its fingerprint still matches; None if missing or stale."""
+    path = profile_path(store_dir)
+    try:
+        saved = Profile.load(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return saved if saved.fingerprint == fingerprint(Path(store_dir)) else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo", encoding="ascii") as handle:
+        return int(handle.readline().split()[1]) * 1024
+
+
+def _filesystem(path: Path) -> str:
+    """Type of the filesystem holding ``path``, from /proc/mounts (longest matching mount point)."""
+    target, best = str(Path(path).resolve()), ("", "unknown")
+    with open("/proc/mounts", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            point = fields[1]
+            if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
+                best = (point, fields[2])
+    return best[1]

@@ -1,0 +1,117 @@
+"""The one place that decides which plan a model runs with, and ``load`` that opens a store under it.
+
+The CLI (``run``, ``plan``, ``profile``), the daemon and ``hermesd.load`` all come here:
+
+- explicit settings (``prefetch``, ``resident``, ``loaders``) or no budget: the engine's fit of those
+  settings (``plan.budget.fit_plan``);
+- a budget and a fresh profile: the plan ``hermesd plan`` saved for that budget and workload, else the
+  Pipeline Planner's choice from the profile;
+- a budget and no profile: the fit, unless ``profile="if-missing"`` measures one first.
+
+The profile is read (or measured) once per decision. This module sits above the engine because
+measuring a profile runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from hermesd import memory
+from hermesd.engine.engine import Engine
+from hermesd.engine.reader import StageReader
+from hermesd.plan.budget import Plan, fit_plan
+from hermesd.plan.planner import Prediction, choose_plan
+from hermesd.plan.profile import Profile, load_fresh_profile, profile_path
+from hermesd.plan.saved import saved_plan
+from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
+from hermesd.profiling import profile_store
+from hermesd.store.manifest import Manifest
+from hermesd.units import parse_size
+
+ProfileMode = Literal["never", "if-fresh", "if-missing", "force"]
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A decided plan and where it came from: "fit", "saved plan" or "planner"."""
+
+    plan: Plan
+    source: str
+    profile: Profile | None = None
+    prediction: Prediction | None = None  # the planner's prediction, when it chose
+
+
+def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_tokens: int = 128,
+                   progress: ProgressFn | None = None) -> Profile | None:
+    """The store's profile: the saved one while fresh; measured (and saved) when ``mode`` asks for it.
+
+    never: None. if-fresh: the fresh saved profile or None. if-missing: measure when none is fresh.
+    force: always measure. A profile that cannot be saved is still returned (the reason goes to progress).
+    """
+    if mode == "never":
+        return None
+    profile = None if mode == "force" else load_fresh_profile(store_dir)
+    if profile is not None or mode == "if-fresh":
+        return profile
+    say = progress or (lambda message: None)
+    say(f"profiling {store_dir} (a few passes over the model)")
+    profile = profile_store(store_dir, reference_tokens=reference_tokens, progress=say)
+    try:
+        profile.save(profile_path(store_dir))
+    except OSError as exc:
+        say(f"cannot save the profile: {exc}")
+    return profile
+
+
+def resolve(store_dir: str | os.PathLike[str], budget: int | str | None = None, workload: Workload | None = None, *,
+            prefetch: int | None = None, resident: list[str] | str | None = None, loaders: int | None = None,
+            profile: ProfileMode = "if-fresh", depths: range | None = None, use_saved: bool = True,
+            direct_io: bool | None = None, progress: ProgressFn | None = None) -> Resolved:
+    """Decide the plan for a store under a memory budget (bytes or a size such as "512MiB").
+
+    workload: the largest job the plan must fit; None takes a saved plan's own workload, else 512 tokens.
+    depths: prefetch depths the planner may consider (``hermesd plan --prefetch``).
+    use_saved: False ignores saved plans (``hermesd plan`` decides anew).
+    A budget below the model's minimum raises BudgetError; unknown resident names raise ValueError.
+    """
+    store_dir = Path(store_dir)
+    manifest = Manifest.load(store_dir)
+    budget_bytes = parse_size(budget) if budget is not None else None
+    explicit = prefetch is not None or resident is not None or loaders is not None
+    measured = None if budget_bytes is None or explicit else obtain_profile(store_dir, profile, progress=progress)
+    if measured is not None:
+        saved = saved_plan(store_dir, budget_bytes, workload, manifest) if use_saved else None
+        if saved is not None:
+            return Resolved(saved, "saved plan", measured)
+        prediction = choose_plan(measured, budget_bytes, workload or DEFAULT_WORKLOAD,
+                                 depths if depths is not None else range(5))
+        return Resolved(prediction.plan, "planner", measured, prediction)
+    reader = StageReader(store_dir, manifest, direct=direct_io)
+    plan = fit_plan(manifest, reader.span, memory.rss_bytes(), budget=budget_bytes, prefetch=prefetch,
+                    resident=resident, loaders=loaders, workload=workload or DEFAULT_WORKLOAD)
+    return Resolved(plan, "fit")
+
+
+def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = None, prefetch: int | None = None,
+         resident: list[str] | str | None = None, loaders: int | None = None, direct_io: bool | None = None,
+         workload: Workload | None = None, plan: Plan | None = None) -> Engine:
+    """Open a store and return an Engine whose ``model`` streams stages under a memory plan.
+
+    memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
+        most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
+    prefetch: stages read ahead while one computes (k); default 2 (see plan.budget.DEFAULT_PREFETCH).
+    resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
+    loaders: loader threads (default: one per prefetched stage).
+    direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.
+    workload: the largest job the plan must fit (default: a saved plan's, else a 512-token prompt).
+    plan: an explicit plan (from hermesd.plan.planner); otherwise ``resolve`` decides, using the plan
+        ``hermesd plan`` saved for the budget while the store's profile is fresh.
+    """
+    if plan is None:
+        plan = resolve(store_dir, memory_budget, workload, prefetch=prefetch, resident=resident, loaders=loaders,
+                       direct_io=direct_io).plan
+    return Engine.open(store_dir, plan, direct_io=direct_io)

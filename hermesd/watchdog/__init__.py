@@ -1,0 +1,1 @@
+"""Watchdog readings (temperature, memory) and the pure policy that turns them into actions."""
