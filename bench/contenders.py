@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 import transformers.models.gpt2.modeling_gpt2  # noqa: F401  (imported before any clock starts)
+
 from bench.harness import emit_json_line, make_cold, median, vm_hwm_bytes, weight_files
 
 
@@ -75,8 +75,8 @@ def run_hermesd(args: argparse.Namespace, ids: torch.Tensor, prefetch: int | Non
 def run_io_only(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, Any]:
     """Every stage read once with hermesd's reader on ``--loaders`` threads (alternate stages), no compute."""
     from hermesd.engine.bufferpool import map_memory
-    from hermesd.store.manifest import Manifest
     from hermesd.engine.reader import StageReader
+    from hermesd.store.manifest import Manifest
 
     manifest = Manifest.load(args.store)
     reader = StageReader(args.store, manifest)

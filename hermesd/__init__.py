@@ -6,8 +6,9 @@ daemon's config check and the planner do not pay for importing torch.
 
 from typing import Any
 
+from hermesd.version import __version__
+
 __all__ = ["Engine", "load", "__version__"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

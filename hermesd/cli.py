@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hermes_client.protocol import TASK_NAMES
+
 from hermesd.errors import HermesError
 from hermesd.units import format_size
+from hermesd.version import __version__
 
 EXIT_ERROR = 1
 
@@ -53,8 +56,16 @@ def _guarded(handler, args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
+    parser.add_argument("--version", action="version", version=f"hermesd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve):
+        add(commands)
+    commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
+                                      "hermesd bench --help)")
+    return parser
 
+
+def _add_convert(commands) -> None:
     convert = commands.add_parser("convert", help="convert a model into a layer store (one file per stage)")
     convert.add_argument("paths", nargs="+", metavar="PATH",
                          help="SRC DEST (a Hugging Face directory or .gguf file, then the store), or only DEST "
@@ -68,11 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--json", action="store_true", help="print the summary as JSON")
     convert.set_defaults(handler=_cmd_convert)
 
+
+def _add_info(commands) -> None:
     info = commands.add_parser("info", help="show a store's stages, sizes and minimum memory budget")
     info.add_argument("store", type=Path)
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_cmd_info)
 
+
+def _add_profile(commands) -> None:
     profile = commands.add_parser("profile", help="measure each stage's load and compute costs (Layer Profiler)")
     profile.add_argument("store", type=Path)
     profile.add_argument("--tokens", type=_at_least(16), default=128, help="reference prompt length (default 128)")
@@ -80,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(handler=_cmd_profile)
 
+
+def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="choose the fastest plan under a memory budget (Pipeline Planner)")
     plan.add_argument("store", type=Path)
     plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB")
@@ -89,10 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_cmd_plan)
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser("run", help="load a store and run one task")
     run.add_argument("store", type=Path)
     run.add_argument("inputs", nargs="*", help="prompt / texts / image paths (or use --input)")
-    run.add_argument("--task", required=True, choices=["generate", "embed", "classify", "forward"])
+    run.add_argument("--task", required=True, choices=TASK_NAMES)
     run.add_argument("--input", action="append", default=[], dest="more_inputs", help="an input (repeatable)")
     _engine_options(run)
     run.add_argument("--max-new-tokens", type=int, default=64)
@@ -109,15 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeline", action="store_true", help="with --json: include per-stage load/compute times")
     run.set_defaults(handler=_cmd_run)
 
+
+def _add_serve(commands) -> None:
     serve = commands.add_parser("serve", help="run the daemon: jobs from a ZeroMQ socket (systemd Type=notify)")
     serve.add_argument("--config", type=Path, help="TOML config (default: $HERMESD_CONFIG or "
                                                    "/etc/hermesd/hermesd.toml)")
     serve.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
     serve.set_defaults(handler=_cmd_serve)
-
-    commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
-                                      "hermesd bench --help)")
-    return parser
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -168,9 +185,9 @@ def _print_progress(done: int, total: int, name: str, nbytes: int) -> None:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from hermesd import memory
+    from hermesd.engine.reader import StageReader
     from hermesd.plan.budget import fit_plan
     from hermesd.store.manifest import Manifest
-    from hermesd.engine.reader import StageReader
 
     manifest = Manifest.load(args.store)
     reader = StageReader(args.store, manifest)
@@ -240,14 +257,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import hermesd
+    from hermesd.planning import load
     from hermesd.tasks import run_task
 
     inputs: Any = list(args.inputs) + list(args.more_inputs)
     if not inputs:
         raise HermesError("give at least one input (positional or --input)")
     resident = args.resident if args.resident in (None, "all") else [s for s in args.resident.split(",") if s]
-    with hermesd.load(args.store, memory_budget=args.memory_budget, prefetch=args.prefetch,
+    with load(args.store, memory_budget=args.memory_budget, prefetch=args.prefetch,
                       resident=resident, loaders=args.loaders) as engine:
         if args.task == "generate":
             inputs = " ".join(inputs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hermes_client.protocol import ErrorCode
+
 
 class HermesError(Exception):
     """Base class of every error hermesd raises on purpose."""
@@ -43,3 +45,12 @@ class BudgetError(HermesError):
 
 class TaskError(HermesError):
     """A task was asked of a model that cannot serve it, or with invalid inputs."""
+
+
+class Refused(HermesError):
+    """A request the daemon answers with an error reply (its stable ``code``) instead of acting on it."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -21,10 +21,10 @@ import torch
 from hermesd import memory
 from hermesd.engine.engine import Engine
 from hermesd.engine.reader import StageReader
-from hermesd.plan.budget import fit_plan
-from hermesd.store.manifest import Manifest
-from hermesd.plan.profile import Profile, StageCost, fingerprint
 from hermesd.engine.runstats import RunStats
+from hermesd.plan.budget import fit_plan
+from hermesd.plan.profile import Profile, StageCost, fingerprint
+from hermesd.store.manifest import Manifest
 
 BUFFERED_SAMPLE_BYTES = 512 << 20
 ProgressFn = Callable[[str], None]

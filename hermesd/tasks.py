@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from hermes_client.protocol import MAX_NEW_TOKENS, TASK_NAMES
 
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
 
-TASKS = ("generate", "embed", "classify", "forward")
-MAX_NEW_TOKENS_LIMIT = 4096
 MAX_FORWARD_VALUES = 1 << 20  # values a forward result may carry before it is refused as too large
 
 
@@ -33,8 +32,8 @@ class GenerateParams:
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT,
-                 f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_LIMIT}")
+        _require(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+                 f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
         _require(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 10,
                  "temperature must be a number in 0..10")
         _require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
@@ -69,7 +68,7 @@ def check_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
 
     Returns the parameters normalised (``stop`` as a tuple); raises TaskError naming the problem.
     """
-    _require(task in TASKS, f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    _require(task in TASK_NAMES, f"unknown task {task!r}; tasks are {', '.join(TASK_NAMES)}")
     params = dict(params)
     if task == "generate":
         if isinstance(params.get("stop"), (list, tuple)):

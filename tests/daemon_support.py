@@ -19,6 +19,7 @@ from typing import Any, Callable
 from hermes_client import Client
 
 READY_TIMEOUT_S = 180.0  # torch + transformers import and model loading on a busy 2-core machine
+HOOKED_DAEMON = Path(__file__).with_name("hooked_daemon.py")
 STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest kills leftovers at session end
 
 
@@ -155,15 +156,19 @@ def write_config(root: Path, models: dict[str, dict[str, Any]], **settings: Any)
 
 def start_daemon(root: Path, config_path: Path | None = None, env: dict[str, str] | None = None,
                  wait_ready: bool = True, notify: NotifySocket | None = None,
-                 preexec: Callable[[], None] | None = None) -> RunningDaemon:
-    """Start ``hermesd serve`` on ``root/hermesd.toml`` with a real NOTIFY_SOCKET; wait for READY=1."""
+                 preexec: Callable[[], None] | None = None, hooked: bool = False) -> RunningDaemon:
+    """Start ``hermesd serve`` on ``root/hermesd.toml`` with a real NOTIFY_SOCKET; wait for READY=1.
+
+    ``hooked``: start it through tests/hooked_daemon.py, whose executor hook wedges on "hang:N" inputs.
+    """
     root.mkdir(parents=True, exist_ok=True)
     config_path = config_path or root / "hermesd.toml"
     notify = notify or NotifySocket(root / f"notify-{time.monotonic_ns()}.sock")
     log_path = root / "daemon.log"
     environment = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "hermesd.cli", "serve", "--config", str(config_path)],
+        command = [str(HOOKED_DAEMON)] if hooked else ["-m", "hermesd.cli", "serve"]
+        proc = subprocess.Popen([sys.executable, *command, "--config", str(config_path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=environment, preexec_fn=preexec)
     STARTED.append(proc)
     daemon = RunningDaemon(proc, root, config_path, f"ipc://{root / 'run' / 'hermesd.sock'}", notify, log_path)

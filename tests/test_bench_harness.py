@@ -6,8 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-from bench.harness import (evict, make_cold, median, proc_read_bytes, resident_bytes, run_json_child,
-                           vm_hwm_bytes, weight_files)
+from bench.harness import (
+    evict,
+    make_cold,
+    median,
+    proc_read_bytes,
+    resident_bytes,
+    run_json_child,
+    vm_hwm_bytes,
+    weight_files,
+)
 
 MIB = 1 << 20
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from hermesd.errors import BudgetError
 from hermesd.plan.budget import RUNTIME_MARGIN, activation_bytes, fit_plan, window_bytes
 from hermesd.plan.ring import ring_stalls
-from hermesd.errors import BudgetError
 from hermesd.plan.workload import Workload
 from hermesd.store.manifest import Manifest, StageEntry
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import make_hf_model
 from safetensors import safe_open
 
 import hermesd
-from hermesd.store.convert import convert, open_source
 from hermesd.errors import ConvertError, UnsupportedModelError
+from hermesd.store.convert import convert, open_source
 from hermesd.store.manifest import FORMAT_VERSION, Manifest
 from hermesd.store.safetensors_io import ALIGNMENT
-
-from conftest import make_hf_model
 
 
 def test_manifest_describes_every_stage_file(converted):

@@ -6,18 +6,17 @@ daemon are in test_daemon_lifecycle.py.
 
 from __future__ import annotations
 
-
 import msgpack
 import pytest
 import torch
 import zmq
-
-import hermesd
 from daemon_support import start_daemon, wait_for_state, write_config
 from hermes_client import ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
+from hooked_daemon import hang_input
+
+import hermesd
 from hermesd.tasks import run_task
 
-HANG = "_test_hang_s"
 PROMPT = "w5 w17 w230 w42"
 
 
@@ -28,8 +27,8 @@ def daemon(daemon_stores, tmp_path_factory):
     write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
                         "bert": {"store": stores["bert"], "prefetch": 2, "max_prompt_tokens": 32},
                         "cls": {"store": stores["bert-cls"]}},
-                 queue_size=2, testing_hooks=True, max_message_bytes=65536, progress_interval_s=0.0)
-    running = start_daemon(root)
+                 queue_size=2, max_message_bytes=65536, progress_interval_s=0.0)
+    running = start_daemon(root, hooked=True)
     yield running
     assert running.stop() == 0, running.log()
 
@@ -149,7 +148,7 @@ def test_client_side_errors_are_typed(client):
 
 
 def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):
-    blocker = client.submit("embed", "bert", "w1", {HANG: 3})
+    blocker = client.submit("embed", "bert", hang_input(3))
     wait_for_state(client, blocker.id, "running")
     queued = [client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
     with pytest.raises(TryLater) as info:
@@ -164,7 +163,7 @@ def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):
 
 
 def test_priority_runs_first(client):
-    blocker = client.submit("embed", "bert", "w1", {HANG: 2})
+    blocker = client.submit("embed", "bert", hang_input(2))
     wait_for_state(client, blocker.id, "running")
     low = client.submit("embed", "bert", "w2", priority=0)
     high = client.submit("embed", "bert", "w3", priority=9)
@@ -192,7 +191,7 @@ def test_inputs_longer_than_the_plan_allows_fail_the_job(client):
 
 
 def test_deadline_passes_while_queued(client):
-    blocker = client.submit("embed", "bert", "w1", {HANG: 2})
+    blocker = client.submit("embed", "bert", hang_input(2))
     wait_for_state(client, blocker.id, "running")
     late = client.submit("embed", "bert", "w2", deadline_s=0.5)
     with pytest.raises(JobFailed) as info:

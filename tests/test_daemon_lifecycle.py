@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_support import NotifySocket, start_daemon, wait_for_state, write_config
 from hermes_client import ServerError
+from hooked_daemon import hang_input
 
-HANG = "_test_hang_s"
 PROMPT = "w5 w17 w230 w42"
 
 
@@ -30,8 +29,8 @@ def _models(stores, **extra):
 
 def test_notify_ready_status_watchdog_and_stopping(daemon_stores, tmp_path):
     """READY=1 after loading; STATUS= with queue and job; WATCHDOG=1 only while the executor progresses."""
-    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, executor_stall_s=1.5)
-    daemon = start_daemon(tmp_path, env={"WATCHDOG_USEC": "1000000"})  # ping every 0.5 s
+    write_config(tmp_path, _models(daemon_stores), executor_stall_s=1.5)
+    daemon = start_daemon(tmp_path, env={"WATCHDOG_USEC": "1000000"}, hooked=True)  # ping every 0.5 s
     notify = daemon.notify
     ready = notify.wait_for(lambda m: m.get("READY") == "1", 1)
     assert ready["STATUS"].startswith("ready: 0 queued; idle") and ready["MAINPID"] == str(daemon.proc.pid)
@@ -40,7 +39,7 @@ def test_notify_ready_status_watchdog_and_stopping(daemon_stores, tmp_path):
     assert len(pings) >= 3
 
     client = daemon.client()
-    job = client.submit("embed", "bert", "w1", {HANG: 6})  # a wedged engine: no stage progress for 6 s
+    job = client.submit("embed", "bert", hang_input(6))  # a wedged engine: no stage progress for 6 s
     notify.wait_for(lambda m: "running " + job.id in m.get("STATUS", ""), 10)
     notify.drain(2.0)  # past executor_stall_s: from here on the daemon withholds pings
     silent = notify.drain(2.0)
@@ -58,10 +57,10 @@ def test_notify_ready_status_watchdog_and_stopping(daemon_stores, tmp_path):
 
 
 def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(daemon_stores, tmp_path):
-    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, drain_timeout_s=60)
-    daemon = start_daemon(tmp_path)
+    write_config(tmp_path, _models(daemon_stores), drain_timeout_s=60)
+    daemon = start_daemon(tmp_path, hooked=True)
     client = daemon.client()
-    running = client.submit("embed", "bert", "w1", {HANG: 3})
+    running = client.submit("embed", "bert", hang_input(3))
     wait_for_state(client, running.id, "running")
     queued = [client.submit("embed", "bert", f"w{i}") for i in range(2, 5)]
     daemon.send_signal(signal.SIGTERM)
@@ -78,7 +77,7 @@ def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(d
     answer: list = []
     pinger = threading.Thread(target=lambda: answer.append(waiting.ping()))
     pinger.start()
-    again = start_daemon(tmp_path)
+    again = start_daemon(tmp_path, hooked=True)
     pinger.join(200)
     assert answer and answer[0]["state"] == "ready"
     for job in queued:  # the old handles, whose pushes went to a dead daemon, find their results by id
@@ -89,16 +88,16 @@ def test_sigterm_drains_the_running_job_and_keeps_the_queue_for_the_next_start(d
 
 
 def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stores, tmp_path):
-    write_config(tmp_path, _models(daemon_stores), testing_hooks=True)
-    daemon = start_daemon(tmp_path)
+    write_config(tmp_path, _models(daemon_stores))
+    daemon = start_daemon(tmp_path, hooked=True)
     client = daemon.client()
-    running = client.submit("embed", "bert", "w1", {HANG: 30})
+    running = client.submit("embed", "bert", hang_input(30))
     wait_for_state(client, running.id, "running")
     queued = [client.submit("generate", "llama", PROMPT, {"max_new_tokens": 4}),
               client.submit("embed", "bert", "w2"), client.submit("embed", "bert", "w3")]
     assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
 
-    again = start_daemon(tmp_path)  # the same state directory, as after Restart=on-failure
+    again = start_daemon(tmp_path)  # the same state directory, as after Restart=on-failure (no hook: the job just runs)
     client = again.client()
     ids = [running.id] + [job.id for job in queued]
     records = {job_id: wait_for_state(client, job_id, "done", timeout=120) for job_id in ids}
@@ -113,15 +112,15 @@ def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stor
 
 
 def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
-    write_config(tmp_path, _models(daemon_stores), testing_hooks=True, queue_size=4)
-    daemon = start_daemon(tmp_path)
+    write_config(tmp_path, _models(daemon_stores), queue_size=4)
+    daemon = start_daemon(tmp_path, hooked=True)
     client = daemon.client()
-    blocker = client.submit("embed", "bert", "w1", {HANG: 3})
+    blocker = client.submit("embed", "bert", hang_input(3))
     wait_for_state(client, blocker.id, "running")
     queued = [client.submit("embed", "bert", f"w{i}") for i in (2, 3)]
 
     write_config(tmp_path, _models(daemon_stores, cls={"store": daemon_stores["bert-cls"]}),
-                 testing_hooks=True, queue_size=8)
+                 queue_size=8)
     before = len(daemon.notify.messages)
     daemon.send_signal(signal.SIGHUP)
     daemon.notify.wait_for(lambda m: m.get("RELOADING") == "1", 10, since=before)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from daemon_support import start_daemon, write_config
 
 pytestmark = pytest.mark.slow

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, CAUSAL, VOCAB
 
 import hermesd
 from hermesd.errors import BudgetError
 from hermesd.store.manifest import Manifest
-
-from conftest import ARCHS, CAUSAL, VOCAB
 
 
 def _inputs(name: str) -> dict[str, torch.Tensor]:
@@ -154,9 +153,10 @@ def test_stage_inputs_with_a_parents_strides_get_standard_strides():
 
 
 def test_bf16_generation_matches_the_full_model_with_restrided_head_inputs(tmp_path):
-    from conftest import make_hf_model
-    from hermesd.store.convert import convert, open_source
     import transformers
+    from conftest import make_hf_model
+
+    from hermesd.store.convert import convert, open_source
 
     _, hf_dir = make_hf_model("llama", tmp_path, dtype=torch.bfloat16)
     convert(open_source(hf_dir), tmp_path / "store")

@@ -6,10 +6,11 @@ import sqlite3
 import time
 
 import pytest
-
 from hermes_client import JobState
-from hermesd.daemon.jobs import JobQueue, QueuedJob, Refused
+
+from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import JobRecord, Journal
+from hermesd.errors import Refused
 
 
 def _record(job_id: str, **fields) -> JobRecord:

@@ -11,10 +11,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from bench.cgroup import run_capped, unavailable_reason
 from hermesd.store.convert import convert, open_source
 from hermesd.store.manifest import Manifest
-
-from bench.cgroup import run_capped, unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 

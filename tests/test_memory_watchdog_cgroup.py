@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from daemon_support import start_daemon, write_config
 
 from bench.cgroup import MemoryGroup, unavailable_reason
-from daemon_support import start_daemon, write_config
 from hermesd.store.convert import convert, open_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from hermes_client import ErrorCode
-from hermesd.daemon.config import MemoryWatchSettings, ThermalSettings
+
 from hermesd.watchdog.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
+from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
 HOT = ThermalSettings(soft_c=75, hard_c=82, critical_c=90, hysteresis_c=5)
 MEM = MemoryWatchSettings(low_water=0.85, critical=0.95, recover=0.75, psi_some_avg10=40, critical_wait_s=10)

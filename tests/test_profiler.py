@@ -9,13 +9,12 @@ import sys
 import pytest
 
 import hermesd
-from hermesd.store.manifest import Manifest
 from hermesd.plan.planner import choose_plan
+from hermesd.plan.profile import Profile, fingerprint, load_fresh_profile, profile_path
 from hermesd.plan.saved import save_plan, saved_plan
-from hermesd.plan.profile import Profile
-from hermesd.plan.profile import fingerprint, load_fresh_profile, profile_path
-from hermesd.profiling import profile_store
 from hermesd.plan.workload import Workload
+from hermesd.profiling import profile_store
+from hermesd.store.manifest import Manifest
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,12 @@ import shutil
 import pytest
 import torch
 import transformers
+from conftest import make_hf_model
 
 import hermesd
-from hermesd.store.convert import convert, open_source
 from hermesd.errors import TaskError
+from hermesd.store.convert import convert, open_source
 from hermesd.tasks import GenerateParams, run_task
-
-from conftest import make_hf_model
 
 
 @pytest.fixture(scope="module")

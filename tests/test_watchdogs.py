@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-
-import hermesd
 from daemon_support import start_daemon, write_config
 from hermes_client import ErrorCode, TryLater
+
+import hermesd
 from hermesd import memory
 from hermesd.store.convert import convert, open_source
 from hermesd.watchdog.sensors import read_temperature

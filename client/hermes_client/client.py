@@ -22,7 +22,7 @@ import zmq
 
 from hermes_client import protocol
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
-from hermes_client.protocol import FINAL, ErrorCode, JobState, Op, Reply
+from hermes_client.protocol import FINAL, Op, Reply
 
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
 ENDPOINT_ENV = "HERMES_ENDPOINT"
@@ -248,14 +248,9 @@ class Job:
 
 def _final_from_record(record: dict[str, Any]) -> dict[str, Any]:
     """The final message a job's record stands for (used when its push was lost)."""
-    job_id, state = record["id"], record["state"]
-    if state == JobState.DONE.value:
-        return {"type": Reply.RESULT.value, "job_id": job_id, "result": record["result"]}
-    if state == JobState.CANCELLED.value:
-        return {"type": Reply.CANCELLED.value, "job_id": job_id}
     error = record.get("error") or {}
-    return {"type": Reply.ERROR.value, "job_id": job_id, "code": error.get("code", ErrorCode.INTERNAL.value),
-            "message": error.get("message", "")}
+    return protocol.final_reply(record["id"], record["state"], record.get("result"), error.get("code"),
+                                error.get("message"))
 
 
 __all__ = ["Client", "Job", "ServerError", "default_endpoint"]

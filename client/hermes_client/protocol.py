@@ -54,6 +54,8 @@ FINAL = frozenset({Reply.RESULT.value, Reply.ERROR.value, Reply.CANCELLED.value}
 
 
 class Task(str, enum.Enum):
+    """Job types: the one list of task names (the daemon's config, tasks and CLI read it from here)."""
+
     GENERATE = "generate"
     EMBED = "embed"
     CLASSIFY = "classify"
@@ -97,6 +99,8 @@ class ErrorCode(str, enum.Enum):
 PRIORITY_RANGE = (0, 9)                   # higher runs first
 MAX_CLIENT_JOB_ID = 128                   # characters
 MAX_DEADLINE_S = 7 * 24 * 3600.0
+MAX_NEW_TOKENS = 4096                     # the most tokens one generate job may ask for (any model)
+TASK_NAMES = tuple(task.value for task in Task)
 
 
 def pack(message: dict[str, Any]) -> bytes:
@@ -146,3 +150,16 @@ def _depth(value: Any, level: int = 1, limit: int = MAX_NESTING) -> int:
 def error(code: ErrorCode, message: str, **fields: Any) -> dict[str, Any]:
     """An error reply body."""
     return {"type": Reply.ERROR.value, "code": code.value, "message": message, **fields}
+
+
+def final_reply(job_id: str, state: str, result: Any = None, error_code: str | None = None,
+                error_message: str | None = None) -> dict[str, Any]:
+    """The final reply an ended job stands for: result (done), cancelled, or error (failed).
+
+    The daemon sends it when a job ends; a client rebuilds it from a job record when the push was lost.
+    """
+    if state == JobState.DONE.value:
+        return {"type": Reply.RESULT.value, "job_id": job_id, "result": result}
+    if state == JobState.CANCELLED.value:
+        return {"type": Reply.CANCELLED.value, "job_id": job_id}
+    return error(ErrorCode(error_code or ErrorCode.INTERNAL.value), error_message or "", job_id=job_id)

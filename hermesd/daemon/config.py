@@ -12,15 +12,16 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from hermes_client.protocol import MAX_NEW_TOKENS, TASK_NAMES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from hermesd.errors import HermesError
 from hermesd.units import parse_size
+from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
 DEFAULT_CONFIG = Path("/etc/hermesd/hermesd.toml")
 CONFIG_ENV = "HERMESD_CONFIG"
-TASK_NAMES = ("generate", "embed", "classify", "forward")
 
 
 class ConfigError(HermesError):
@@ -40,7 +41,7 @@ class ModelSettings(_Strict):
     resident: list[str] | Literal["all"] | None = None
     profile: bool = False
     max_prompt_tokens: int = Field(default=512, ge=1, le=1 << 20)
-    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("memory_budget")
@@ -63,29 +64,6 @@ class ModelSettings(_Strict):
         return parse_size(self.memory_budget) if self.memory_budget is not None else None
 
 
-class ThermalSettings(_Strict):
-    """Thermal watchdog: temperatures in °C; readings from sysfs zones, or from the listed files."""
-
-    enabled: bool = True
-    paths: list[Path] = Field(default_factory=list)
-    zone_types: list[str] = Field(default_factory=list)
-    soft_c: float = 75.0
-    hard_c: float = 82.0
-    critical_c: float = 90.0
-    hysteresis_c: float = Field(default=5.0, ge=0)
-
-
-class MemoryWatchSettings(_Strict):
-    """Memory watchdog: fractions of the enforced limit (cgroup, else MemTotal) that trigger each level."""
-
-    enabled: bool = True
-    low_water: float = Field(default=0.85, gt=0, le=1)
-    critical: float = Field(default=0.95, gt=0, le=1)
-    recover: float = Field(default=0.75, gt=0, le=1)
-    psi_some_avg10: float = Field(default=40.0, ge=0, le=100)
-    critical_wait_s: float = Field(default=10.0, ge=0)
-
-
 class Settings(BaseSettings):
     """Everything the daemon reads from its config. Paths in the file are relative to the file."""
 
@@ -106,7 +84,6 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(default=0.25, ge=0)
     executor_stall_s: float | None = Field(default=None, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    testing_hooks: bool = False
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     thermal: ThermalSettings = Field(default_factory=ThermalSettings)
     memory: MemoryWatchSettings = Field(default_factory=MemoryWatchSettings)

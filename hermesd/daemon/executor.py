@@ -8,6 +8,7 @@ engine stops marking progress, the daemon stops its WATCHDOG=1 pings and systemd
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -16,13 +17,18 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hermes_client.protocol import ErrorCode, JobState
-from hermesd.errors import HermesError, StoreError, TaskError
+
 from hermesd.daemon.hosting import ModelHost
-from hermesd.daemon.jobs import TEST_HANG_PARAM, JobQueue, QueuedJob
+from hermesd.daemon.jobs import JobQueue, QueuedJob
+from hermesd.errors import HermesError, StoreError, TaskError
 from hermesd.tasks import run_task
+from hermesd.watchdog.gate import Gate
 
 log = logging.getLogger("hermesd.executor")
 IDLE_WAIT_S = 0.5
+# Called on the executor thread as each job starts. Only code that builds a Daemon can install one
+# (tests use it to wedge the executor on purpose); nothing a client sends reaches it.
+JobHook = Callable[["QueuedJob"], None]
 
 
 class Interrupted(Exception):
@@ -33,11 +39,20 @@ class Interrupted(Exception):
         self.reason = reason
 
 
+class EventKind(str, enum.Enum):
+    """What an executor event tells the main loop (it dispatches ``_on_<value>``)."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    FINISHED = "finished"
+    REQUEUED = "requeued"
+
+
 @dataclass
 class Event:
-    """Something the main loop must act on: ``kind`` is started, progress, finished or requeued."""
+    """Something the main loop must act on."""
 
-    kind: str
+    kind: EventKind
     job: QueuedJob
     state: JobState | None = None
     result: Any = None
@@ -46,35 +61,11 @@ class Event:
     stages: int = 0
 
 
-class Gate:
-    """What the watchdogs ask of the executor between stages. The main thread sets it; the executor obeys."""
-
-    def __init__(self) -> None:
-        self.prefetch_paused = False
-        self.shed_resident = False
-        self._run = threading.Event()
-        self._run.set()
-
-    def hold(self, held: bool) -> None:
-        """Pause (True) or resume (False) execution before the next stage."""
-        if held:
-            self._run.clear()
-        else:
-            self._run.set()
-
-    @property
-    def held(self) -> bool:
-        return not self._run.is_set()
-
-    def wait(self, timeout: float) -> bool:
-        return self._run.wait(timeout)
-
-
 class Executor(threading.Thread):
     """Runs queued jobs one at a time on the loaded models."""
 
     def __init__(self, jobs: JobQueue, hosts: dict[str, ModelHost], wake: Callable[[], None],
-                 progress_interval_s: float = 0.25) -> None:
+                 progress_interval_s: float = 0.25, before_job: JobHook | None = None) -> None:
         super().__init__(name="hermesd-executor", daemon=True)
         self.jobs = jobs
         self.hosts = hosts
@@ -86,6 +77,7 @@ class Executor(threading.Thread):
         self.paused_s = 0.0  # time held by the gate, this job
         self.evicted = 0     # resident stages shed, this job
         self._wake = wake
+        self._before_job = before_job
         self._stopping = threading.Event()
         self._control: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
@@ -140,7 +132,7 @@ class Executor(threading.Thread):
 
     def _execute(self, job: QueuedJob) -> None:
         self.current, self.paused_s, self.evicted = job, 0.0, 0
-        self._emit(Event("started", job))
+        self._emit(Event(EventKind.STARTED, job))
         try:
             event = self._outcome(job)
         finally:
@@ -156,10 +148,9 @@ class Executor(threading.Thread):
             return _failed(job, ErrorCode.UNKNOWN_MODEL, f"model {record.model!r} is no longer configured")
         try:
             self._check(job)
+            if self._before_job is not None:
+                self._before_job(job)
             params = dict(record.params)
-            hang = params.pop(TEST_HANG_PARAM, None)
-            if hang:
-                time.sleep(hang)  # test hook: a wedged engine (no checkpoints, no progress)
             progress = _Progress(self, job, host)
             host.engine.set_checkpoint(progress.stage)
             try:
@@ -169,7 +160,7 @@ class Executor(threading.Thread):
             stats = host.engine.stats.to_dict()
             stats.update(paused_s=round(self.paused_s, 3), stages_run=progress.stages,
                          prefetch_paused_stages=progress.prefetch_paused_stages, stages_evicted=self.evicted)
-            return Event("finished", job, JobState.DONE, result={**result, "stats": stats})
+            return Event(EventKind.FINISHED, job, JobState.DONE, result={**result, "stats": stats})
         except Interrupted as exc:
             return self._interrupted(job, exc.reason)
         except TaskError as exc:
@@ -185,10 +176,10 @@ class Executor(threading.Thread):
 
     def _interrupted(self, job: QueuedJob, reason: str) -> Event:
         if reason == "shutdown":
-            return Event("requeued", job)
+            return Event(EventKind.REQUEUED, job)
         if reason == "deadline":
             return _failed(job, ErrorCode.DEADLINE_EXCEEDED, "the job's deadline passed")
-        return Event("finished", job, JobState.CANCELLED)
+        return Event(EventKind.FINISHED, job, JobState.CANCELLED)
 
     def _check(self, job: QueuedJob) -> None:
         """Raise Interrupted if the job must not go on (called before it starts and between stages)."""
@@ -242,8 +233,8 @@ class _Progress:
         now = time.monotonic()
         if force or now - self._last_sent >= self.executor.progress_interval_s:
             self._last_sent = now
-            self.executor._emit(Event("progress", self.job, tokens=self.tokens, stages=self.stages))
+            self.executor._emit(Event(EventKind.PROGRESS, self.job, tokens=self.tokens, stages=self.stages))
 
 
 def _failed(job: QueuedJob, code: ErrorCode, message: str) -> Event:
-    return Event("finished", job, JobState.FAILED, error=(code.value, message))
+    return Event(EventKind.FINISHED, job, JobState.FAILED, error=(code.value, message))

@@ -9,9 +9,9 @@ from typing import Any, Callable
 from hermesd.daemon.config import ConfigError, ModelSettings
 from hermesd.engine import Engine
 from hermesd.errors import BudgetError, StoreError
-from hermesd.store.manifest import Manifest
 from hermesd.plan.workload import Workload
 from hermesd.planning import resolve
+from hermesd.store.manifest import Manifest
 
 log = logging.getLogger("hermesd.models")
 

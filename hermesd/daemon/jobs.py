@@ -13,34 +13,23 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from hermes_client.protocol import (MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, ErrorCode, Task)
+from hermes_client.protocol import MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, TASK_NAMES, ErrorCode
+
 from hermesd.daemon.config import ModelSettings
-from hermesd.errors import TaskError
 from hermesd.daemon.journal import JobRecord
+from hermesd.errors import Refused, TaskError
 from hermesd.tasks import check_inputs, check_params
-
-TEST_HANG_PARAM = "_test_hang_s"  # with testing_hooks on: the executor hangs this long (a wedged engine)
-
-
-class Refused(Exception):
-    """A request the daemon answers with an error reply instead of acting on it."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def new_job_id() -> str:
     return "j-" + uuid.uuid4().hex[:16]
 
 
-def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings],
-                    testing_hooks: bool = False) -> JobRecord:
+def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings]) -> JobRecord:
     """A queued JobRecord for a valid submit message, or Refused naming what is wrong."""
     task = _field(message, "task", str)
-    if task not in {t.value for t in Task}:
-        raise Refused(ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; tasks are {[t.value for t in Task]}")
+    if task not in TASK_NAMES:
+        raise Refused(ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; tasks are {list(TASK_NAMES)}")
     model_name = _field(message, "model", str)
     if model_name not in models:
         raise Refused(ErrorCode.UNKNOWN_MODEL, f"unknown model {model_name!r}; models are {sorted(models)}")
@@ -48,7 +37,7 @@ def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings],
         raise Refused(ErrorCode.BAD_REQUEST, "missing field 'inputs'")
     model = models[model_name]
     params = {**model.defaults.get(task, {}), **_field(message, "params", dict, default={})}
-    _check_job(task, message["inputs"], params, model, testing_hooks)
+    _check_job(task, message["inputs"], params, model)
     priority = _field(message, "priority", int, default=0)
     if not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
         raise Refused(ErrorCode.BAD_REQUEST, f"priority must be in {PRIORITY_RANGE[0]}..{PRIORITY_RANGE[1]}")
@@ -65,11 +54,7 @@ def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings],
                      submitted=now)
 
 
-def _check_job(task: str, inputs: Any, params: dict[str, Any], model: ModelSettings, testing_hooks: bool) -> None:
-    params = dict(params)
-    hang = params.pop(TEST_HANG_PARAM, None)
-    if hang is not None and not (testing_hooks and isinstance(hang, (int, float))):
-        raise Refused(ErrorCode.INVALID_PARAMS, f"unknown parameter {TEST_HANG_PARAM!r}")
+def _check_job(task: str, inputs: Any, params: dict[str, Any], model: ModelSettings) -> None:
     try:
         check_inputs(task, inputs)
         check_params(task, params)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-
 from hermes_client.protocol import ENDED, JobState
 
 SCHEMA_VERSION = 1

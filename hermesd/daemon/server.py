@@ -21,21 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-
 from hermes_client import protocol
-from hermes_client.protocol import ErrorCode, JobState, Op, Reply
-from hermesd import __version__
+from hermes_client.protocol import ErrorCode, JobState, Reply
+
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
-from hermesd.errors import HermesError
-from hermesd.daemon.executor import Event, Executor
+from hermesd.daemon.executor import Event, Executor, JobHook
+from hermesd.daemon.handlers import RequestHandlers, final_message
 from hermesd.daemon.hosting import ModelHost, open_model
-from hermesd.daemon.jobs import JobQueue, QueuedJob, Refused, validate_submit
-from hermesd.daemon.journal import Journal, JobRecord
+from hermesd.daemon.jobs import JobQueue, QueuedJob
+from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
 from hermesd.daemon.sockets import WakePair, open_router
-from hermesd.daemon.status_report import DaemonView, status_line, status_reply
+from hermesd.daemon.status_report import DaemonView, status_line
 from hermesd.daemon.watchdogs import Watchdogs
+from hermesd.errors import HermesError
+from hermesd.version import __version__
 
 log = logging.getLogger("hermesd.server")
 EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, 78
@@ -60,7 +61,9 @@ class AlreadyRunning(Exception):
 class Daemon:
     """One hermesd process: its settings, models, journal, queue, executor and sockets."""
 
-    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, config_path: Path | None = None,
+                 executor_hook: JobHook | None = None) -> None:
+        """``executor_hook`` runs on the executor thread as each job starts (a seam for tests only)."""
         self.settings = settings
         self.config_path = config_path
         self.state = State.STARTING
@@ -70,11 +73,26 @@ class Daemon:
         self.queue = JobQueue(settings.queue_size)
         self.running: dict[str, QueuedJob] = {}  # job id -> the job the executor holds
         self.watchdogs = Watchdogs(settings)
+        self.wakeup = WakePair()
+        self.executor = Executor(self.queue, self.hosts, self.wakeup.wake, settings.progress_interval_s,
+                                 before_job=executor_hook)
+        self.handlers = RequestHandlers(self)
+        self.journal: Journal | None = None  # opened by startup(), once the state directory is locked
+        self.context: zmq.Context | None = None
+        self.router: zmq.Socket | None = None
+        self.endpoints: list[str] = []
+        self.poller = zmq.Poller()
+        self._lock_fd: int | None = None
         self._signals: list[int] = []
         self._drain_deadline = 0.0
         self._shutdown_sent = False
         self._last_purge = 0.0
         self._stall_warned = False
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new jobs are taken (READY); draining and stopping daemons refuse them."""
+        return self.state == State.READY
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,7 +117,7 @@ class Daemon:
     def startup(self) -> None:
         state_dir = self.settings.resolved_state_dir()
         state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(state_dir / "hermesd.lock")
+        self._lock_fd = _lock(state_dir / "hermesd.lock")
         self.journal = Journal(state_dir / "journal.sqlite3")
         self.journal.purge(self.settings.result_retention_s)
         for name, model in self.settings.models.items():
@@ -109,7 +127,6 @@ class Daemon:
                 STARTUP_EXTEND_S, text))
         self._restore_jobs()
         self._bind()
-        self.executor = Executor(self.queue, self.hosts, self._wake, self.settings.progress_interval_s)
         self.executor.start()
         self._install_signals()
         self.state = State.READY
@@ -132,25 +149,19 @@ class Daemon:
     def _bind(self) -> None:
         self.context = zmq.Context()
         self.router, self.endpoints = open_router(self.context, self.settings)
-        self._wakeup = WakePair()
-        self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self._wakeup.reader.fileno(), zmq.POLLIN)
+        self.poller.register(self.wakeup.reader.fileno(), zmq.POLLIN)
 
     def _install_signals(self) -> None:
-        signal.set_wakeup_fd(self._wakeup.writer.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self.wakeup.writer.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, frame: self._signals.append(number))
-
-    def _wake(self) -> None:
-        """Called by the executor thread: make the main loop's poll return."""
-        self._wakeup.wake()
 
     def main_loop(self) -> None:
         while self.state != State.STOPPED:
             ready = dict(self.poller.poll(TICK_S * 1000))
-            if self._wakeup.reader.fileno() in ready:
-                self._wakeup.drain()
+            if self.wakeup.reader.fileno() in ready:
+                self.wakeup.drain()
             self._handle_signals()  # before requests: a submit that arrives with SIGTERM is refused
             for step in (self._receive_batch if self.router in ready else None, self._handle_events, self.on_tick):
                 if step is not None:
@@ -165,18 +176,18 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Close sockets and journal. Queued jobs stay journaled for the next start."""
-        executor = getattr(self, "executor", None)
-        if executor is not None:
-            executor.stop()
-            executor.join(timeout=1.0)
+        if self.executor.is_alive():
+            self.executor.stop()
+            self.executor.join(timeout=1.0)
             self._handle_events()  # record what ended while stopping
-        if hasattr(self, "router"):
+        if self.router is not None:
             self.router.close()
+        if self.context is not None:
             self.context.term()
-        if executor is None or not executor.is_alive():
+        if not self.executor.is_alive():
             for host in self.hosts.values():
                 host.close()
-        if hasattr(self, "journal"):
+        if self.journal is not None:
             self.journal.close()
         self.state = State.STOPPED
         log.info("stopped; %d job(s) left queued in the journal", len(self.queue))
@@ -262,31 +273,9 @@ class Daemon:
             except zmq.Again:
                 return
             if len(frames) >= 2:
-                self._handle_frames(frames[:-1], frames[-1])
+                self.handlers.dispatch(frames[:-1], frames[-1])
 
-    def _handle_frames(self, envelope: list[bytes], payload: bytes) -> None:
-        rid = None
-        try:
-            message = protocol.unpack(payload, self.settings.max_message_bytes)
-            rid = message.get("rid") if isinstance(message.get("rid"), (int, str)) else None
-            if message.get("v") != protocol.PROTOCOL_VERSION:
-                raise Refused(ErrorCode.UNSUPPORTED_VERSION,
-                              f"protocol version {message.get('v')!r}; this daemon speaks {protocol.PROTOCOL_VERSION}")
-            op = message.get("op")
-            if op not in {o.value for o in Op}:
-                raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; ops are {[o.value for o in Op]}")
-            reply = getattr(self, f"handle_{op}")(message, envelope)
-        except protocol.DecodeError as exc:
-            reply = protocol.error(exc.code, str(exc))
-        except Refused as exc:
-            reply = protocol.error(exc.code, exc.message)
-        except Exception as exc:  # a bug must cost one request, never the daemon
-            log.exception("request failed")
-            reply = protocol.error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        if reply is not None:
-            self._send(envelope, {**reply, "rid": rid})
-
-    def _send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
+    def send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
         """Send to one client; False if it is gone (its job's result stays fetchable by id)."""
         if envelope is None:
             return False
@@ -298,72 +287,11 @@ class Daemon:
                 log.warning("reply not sent: %s", exc)
             return False
 
-    def handle_ping(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
-        return {"type": Reply.PONG.value, "version": __version__, "protocol": protocol.PROTOCOL_VERSION,
-                "uptime_s": round(time.monotonic() - self.started, 3), "state": self.state.value}
-
-    def handle_status(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
-        return status_reply(self._view())
-
-    def handle_models(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
-        return {"type": Reply.MODELS.value, "models": [host.describe() for host in list(self.hosts.values())]}
-
-    def handle_job(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
-        record = self._record(message)
-        return {"type": Reply.JOB.value, "job": record.public()}
-
-    def handle_cancel(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
-        record = self._record(message)
-        queued = self.queue.remove(record.id)
-        if queued is not None:
-            self._finish(queued, JobState.CANCELLED)
-            return {"type": Reply.JOB.value, "job": self.journal.get(record.id).public(), "cancelled": True}
-        current = self.executor.current  # taken by the executor, its "started" event not yet handled
-        running = self.running.get(record.id) or (current if current is not None and current.id == record.id else None)
-        if running is not None:
-            running.cancel.set()
-        return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
-
-    def handle_submit(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any] | None:
-        if self.state != State.READY:
-            raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; submit again after it restarts")
-        record = validate_submit(message, self.settings.models, self.settings.testing_hooks)
-        if record.client_job_id and (known := self.journal.by_client_id(record.client_job_id)):
-            return self._duplicate(known, envelope, message.get("rid"))
-        self.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
-        self.queue.check_room()  # before the journal: a refused job leaves no trace
-        self.journal.add(record)  # durable before the client hears "accepted"
-        position = self.queue.put(QueuedJob(record, reply_to=envelope), force=True)
-        log.info("job %s accepted: %s %s, priority %d, position %d", record.id, record.model, record.task,
-                 record.priority, position)
-        return {"type": Reply.ACCEPTED.value, "job_id": record.id, "position": position}
-
-    def _duplicate(self, known: JobRecord, envelope: list[bytes], rid: Any) -> None:
-        """A resent submit (same client job id): confirm the job; if it has ended, resend its end."""
-        self._send(envelope, {"type": Reply.ACCEPTED.value, "job_id": known.id, "position": 0,
-                              "duplicate": True, "rid": rid})
-        queued = next((j for j in self.queue.jobs() if j.id == known.id), None) or self.running.get(known.id)
-        if queued is not None:
-            queued.reply_to = envelope  # the client reconnected: deliver the end to its new socket
-        elif known.ended:
-            self._send(envelope, _final_message(known))
-        return None
-
-    def _record(self, message: dict[str, Any]) -> JobRecord:
-        job_id = message.get("job_id")
-        if not isinstance(job_id, str):
-            raise Refused(ErrorCode.BAD_REQUEST, "field 'job_id' must be a string")
-        record = self.journal.get(job_id)
-        if record is None:
-            raise Refused(ErrorCode.NOT_FOUND, f"no job {job_id!r} (unknown, or its result has expired)")
-        return record
-
     # -- executor events ---------------------------------------------------------------------------
     def _handle_events(self) -> None:
-        executor = getattr(self, "executor", None)
-        while executor is not None and not executor.outbox.empty():
-            event = executor.outbox.get()
-            getattr(self, f"_on_{event.kind}")(event)
+        while not self.executor.outbox.empty():
+            event = self.executor.outbox.get()
+            getattr(self, f"_on_{event.kind.value}")(event)
 
     def _on_started(self, event: Event) -> None:
         self.running[event.job.id] = event.job
@@ -371,23 +299,23 @@ class Daemon:
         log.info("job %s started (%s %s)", event.job.id, event.job.record.model, event.job.record.task)
 
     def _on_progress(self, event: Event) -> None:
-        self._send(event.job.reply_to, {"type": Reply.PROGRESS.value, "job_id": event.job.id,
+        self.send(event.job.reply_to, {"type": Reply.PROGRESS.value, "job_id": event.job.id,
                                         "tokens": event.tokens, "stages": event.stages})
 
     def _on_finished(self, event: Event) -> None:
         self.running.pop(event.job.id, None)
-        self._finish(event.job, event.state, event.result, event.error)
+        self.finish(event.job, event.state, event.result, event.error)
 
     def _on_requeued(self, event: Event) -> None:
         self.running.pop(event.job.id, None)
         self.journal.requeue(event.job.id)
         log.info("job %s interrupted by shutdown; it stays queued in the journal", event.job.id)
 
-    def _finish(self, job: QueuedJob, state: JobState, result: Any = None, error: tuple[str, str] | None = None) -> None:
+    def finish(self, job: QueuedJob, state: JobState, result: Any = None, error: tuple[str, str] | None = None) -> None:
         """Journal a job's end, then send its one final reply."""
         self.journal.finish(job.id, state, result, error)
         record = self.journal.get(job.id)
-        delivered = self._send(job.reply_to, _final_message(record))
+        delivered = self.send(job.reply_to, final_message(record))
         took = (record.finished or 0) - (record.started or record.submitted)
         detail = f"{error[0]}: {error[1]}" if error else f"{took:.2f} s"
         log.info("job %s %s (%s)%s", job.id, state.value, detail, "" if delivered else "; kept for fetching by id")
@@ -414,7 +342,7 @@ class Daemon:
         self._stall_warned = not healthy
         return healthy
 
-    def _view(self) -> DaemonView:
+    def view(self) -> DaemonView:
         return DaemonView(state=self.state.value, version=__version__, uptime_s=time.monotonic() - self.started,
                           queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
                           executor_healthy=self.executor.is_alive(),
@@ -422,16 +350,7 @@ class Daemon:
                           watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
 
     def _status_line(self) -> str:
-        return status_line(self._view()) if hasattr(self, "executor") else self.state.value
-
-
-def _final_message(record: JobRecord) -> dict[str, Any]:
-    if record.state == JobState.DONE.value:
-        return {"type": Reply.RESULT.value, "job_id": record.id, "result": record.result}
-    if record.state == JobState.CANCELLED.value:
-        return {"type": Reply.CANCELLED.value, "job_id": record.id}
-    return protocol.error(ErrorCode(record.error_code or ErrorCode.INTERNAL.value), record.error_message or "",
-                          job_id=record.id)
+        return status_line(self.view()) if self.journal is not None else self.state.value
 
 
 def _lock(path: Path) -> int:
@@ -445,8 +364,11 @@ def _lock(path: Path) -> int:
     return fd
 
 
-def serve(config_path: Path | None = None) -> int:
-    """Entry point of ``hermesd serve``: load the config (exit 78 if invalid) and run the daemon."""
+def serve(config_path: Path | None = None, executor_hook: JobHook | None = None) -> int:
+    """Entry point of ``hermesd serve``: load the config (exit 78 if invalid) and run the daemon.
+
+    ``executor_hook``: see ``Daemon``; the ``hermesd serve`` command never passes one.
+    """
     try:
         settings = load_settings(config_path)
     except ConfigError as exc:
@@ -454,4 +376,4 @@ def serve(config_path: Path | None = None) -> int:
         log.error("configuration error: %s", exc)
         return EX_CONFIG
     logs.setup(settings.log_level)
-    return Daemon(settings, config_path).run()
+    return Daemon(settings, config_path, executor_hook).run()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hermes_client.protocol import Reply
+
 from hermesd import memory
 from hermesd.daemon.jobs import QueuedJob
 

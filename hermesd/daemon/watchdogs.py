@@ -11,8 +11,8 @@ import time
 from typing import Any
 
 from hermesd.daemon.config import Settings
-from hermesd.daemon.executor import Gate
-from hermesd.daemon.jobs import Refused
+from hermesd.errors import Refused
+from hermesd.watchdog.gate import Gate
 from hermesd.watchdog.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
 from hermesd.watchdog.sensors import MemoryReading, Temperature, read_memory, read_temperature
 

@@ -9,15 +9,15 @@ from typing import Any, Callable
 
 import torch
 
-from hermesd.plan.budget import Plan
 from hermesd.engine.bufferpool import RingPool, map_memory
-from hermesd.errors import TaskError
-from hermesd.store.manifest import Manifest
 from hermesd.engine.prefetch import Prefetcher
 from hermesd.engine.reader import StageReader
-from hermesd.engine.runtime import StreamRuntime
-from hermesd.store.stages import build_skeleton, config_from_dict
 from hermesd.engine.runstats import RunStats
+from hermesd.engine.runtime import StreamRuntime
+from hermesd.errors import TaskError
+from hermesd.plan.budget import Plan
+from hermesd.store.manifest import Manifest
+from hermesd.store.stages import build_skeleton, config_from_dict
 
 
 class Engine:
@@ -71,8 +71,7 @@ class Engine:
         """
         names = list(self._resident_memory)
         for name in names:
-            self._runtime.resident.discard(name)
-            self._runtime.bindings[name].unbind()
+            self._runtime.unpin(name)
             del self._resident_memory[name]  # the last reference: the mapping is unmapped
         return len(names)
 
@@ -146,6 +145,5 @@ def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mm
     """Read a resident stage into memory of its own (faulted in before the read) and bind it for good."""
     memory = map_memory(reader.span(name))
     tensors, _ = reader.read(name, memoryview(memory))
-    runtime.bindings[name].bind(tensors)
-    runtime.resident.add(name)
+    runtime.pin(name, tensors)
     return memory

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from hermesd import memory
-from hermesd.errors import StoreError
-from hermesd.store.manifest import Manifest, StageEntry
 from hermesd.engine.prefetch import LoadedStage, Prefetcher
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats, StageStats
+from hermesd.errors import StoreError
+from hermesd.store.manifest import Manifest, StageEntry
 
 TIMELINE_LIMIT = 20_000  # events kept per run; a long generation stops adding after this
 
@@ -130,6 +130,16 @@ class StreamRuntime:
         if self._original_generate is not None:
             del self.model.generate
             self._original_generate = None
+
+    def pin(self, name: str, tensors: dict) -> None:
+        """Bind stage ``name`` to ``tensors`` for good: its hooks leave it in place until ``unpin``."""
+        self.bindings[name].bind(tensors)
+        self.resident.add(name)
+
+    def unpin(self, name: str) -> None:
+        """Release a pinned stage: it is unbound now and streams (loads on demand) from the next run."""
+        self.resident.discard(name)
+        self.bindings[name].unbind()
 
     # -- runs ---------------------------------------------------------------------------------
     def _wrap_generate(self, original):

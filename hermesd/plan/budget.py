@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
 from hermesd.errors import BudgetError
+from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
+from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
 from hermesd.store.manifest import Manifest
 from hermesd.units import format_size
-from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
 
 # Growth of the runtime during the first run (oneDNN primitives, thread pools, allocator caches),
 # measured at 30-60 MiB on GPT-2 and Llama shapes here; rounded up.

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hermesd.plan.budget import Plan, window_bytes
-from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
 from hermesd.errors import BudgetError
+from hermesd.plan.budget import Plan, window_bytes
 from hermesd.plan.profile import Profile, StageCost
-from hermesd.units import format_size
+from hermesd.plan.ring import ring_stalls, smallest_stall_free_ring
 from hermesd.plan.workload import Workload
+from hermesd.units import format_size
 
 MAX_PREFETCH = 4
 MIN_GAIN_S = 1e-4  # a resident stage must save at least this much predicted time

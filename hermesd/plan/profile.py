@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import platform
-from importlib import metadata
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from hermesd import __version__
 from hermesd.store.manifest import MANIFEST_NAME
+from hermesd.version import __version__
 
 PROFILE_NAME = "profile.json"
 PROFILE_VERSION = 3  # 2: activation peak includes decode; 3: decode compute from a second step

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from hermesd.plan.budget import Plan
-from hermesd.store.manifest import Manifest
 from hermesd.plan.planner import Prediction
 from hermesd.plan.profile import Profile
 from hermesd.plan.workload import Workload
+from hermesd.store.manifest import Manifest
 
 PLANS_DIR = "plans"
 

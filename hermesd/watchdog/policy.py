@@ -11,7 +11,8 @@ import enum
 from dataclasses import dataclass
 
 from hermes_client.protocol import ErrorCode
-from hermesd.daemon.config import MemoryWatchSettings, ThermalSettings
+
+from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
 
 class Thermal(enum.IntEnum):

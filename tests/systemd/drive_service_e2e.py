@@ -13,10 +13,10 @@ Client work runs as ``nobody`` through ``e2e_client.py`` (payload), never as roo
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
-import contextlib
 import sqlite3
 import stat
 import time
@@ -218,7 +218,7 @@ def phase_reload(good_config: str) -> None:
     before = props()
     over_limit = dict(GENERATE, params={"max_new_tokens": 48})
     d.record("reload_refused_before", client({"op": "submit", "jobs": [over_limit]}))
-    hold = dict(EMBED, params={"normalize": True, "_test_hang_s": 8})  # keeps the executor busy while we reload
+    hold = dict(EMBED, inputs=["hang:8"])  # the executor hook holds it 8 s: busy while we reload
     ids = submit(hold, GENERATE, EMBED)
     d.record("reload_running_first", wait_running(ids[0]))
     write_config(good_config.replace("max_new_tokens = 32", "max_new_tokens = 64"))
@@ -256,10 +256,10 @@ def phase_kill9() -> None:
 
 def phase_watchdog() -> None:
     before = props()
-    # The hook makes the executor sleep without progress: a wedged engine. The job's deadline passes
+    # The executor hook ("hang:N", tests/hooked_daemon.py) sleeps without progress: a wedged engine. The job's deadline passes
     # while it is wedged, so after the restart the journal ends it (deadline_exceeded) instead of
     # wedging the new process too; the jobs queued behind it run to completion.
-    wedged = dict(EMBED, params={"normalize": True, "_test_hang_s": 3600}, deadline_s=20)
+    wedged = dict(EMBED, inputs=["hang:3600"], deadline_s=20)
     ids = submit(wedged, GENERATE, EMBED)
     d.record("watchdog_running_first", wait_running(ids[0]))
     t0 = d.monotonic_usec()
@@ -274,7 +274,7 @@ def phase_watchdog() -> None:
 
 def phase_stop() -> list[str]:
     before = props()
-    running = dict(EMBED, params={"normalize": True, "_test_hang_s": 5})
+    running = dict(EMBED, inputs=["hang:5"])
     ids = submit(running, GENERATE, EMBED)
     d.record("stop_running_first", wait_running(ids[0]))
     t0 = d.monotonic_usec()

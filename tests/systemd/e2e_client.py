@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from hermes_client import Client
-from hermes_client.errors import DaemonUnreachable, HermesClientError, ServerError
+from hermes_client.errors import HermesClientError, ServerError
 
 ENDPOINT_PATH = "/run/hermesd/hermesd.sock"
 ENDPOINT = f"ipc://{ENDPOINT_PATH}"

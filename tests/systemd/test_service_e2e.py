@@ -13,7 +13,9 @@ Two container boots (``container.py``):
   enforced inside; the test checks and says so).
 
 Timing knobs are the shipped ones (WatchdogSec=30s, RestartSec=5s, TimeoutStopSec=45s); the daemon's
-config only enables ``testing_hooks`` (the wedged-executor hook) and sets model budgets/limits.
+config only sets model budgets/limits. One drop-in swaps ExecStart for tests/hooked_daemon.py, the same
+daemon with an executor hook that wedges on "hang:N" inputs (no client can reach such a hook in the
+shipped ``hermesd serve``).
 Stores are converted once on the host and cached next to the venv (hard-linked into each boot's
 state directory, which systemd then owns for the dynamic user).
 """
@@ -23,16 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-
-from container import (  # noqa: F401  (nspawn_venv is a fixture)
-    HERE, SHIPPED_UNIT, _locked, default_cache_dir, nspawn_venv, run_container)
+from container import HERE, SHIPPED_UNIT, _locked, default_cache_dir, nspawn_venv, run_container  # noqa: F401  (nspawn_venv is a fixture)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -43,9 +41,7 @@ STORES_RECIPE = "1"               # bump when the stores below change
 WATCHDOG_S, RESTART_S, TIMEOUT_STOP_S = 30, 5, 45  # the shipped unit's values (asserted below)
 
 LIFECYCLE_CONFIG = """\
-# hermesd test config: two real models; testing_hooks enables the `_test_hang_s` job parameter only.
-testing_hooks = true
-
+# hermesd test config: two real models.
 [models.smollm2]
 store = "/var/lib/hermesd/stores/smollm2"
 memory_budget = "800MiB"
@@ -53,6 +49,17 @@ max_new_tokens = 32
 
 [models.minilm]
 store = "/var/lib/hermesd/stores/minilm"
+"""
+
+# The executor hook is a seam only code that builds the daemon can use (tests/hooked_daemon.py); the
+# shipped ExecStart has none. This drop-in changes nothing but ExecStart, so the hardening under test
+# is the shipped unit's.
+HOOKED_LAUNCHER = "/etc/hermesd/hooked_daemon.py"
+HOOK_DROPIN_PATH = "hermesd.service.d/test-executor-hook.conf"
+HOOK_DROPIN = f"""\
+[Service]
+ExecStart=
+ExecStart=/opt/hermesd/bin/python {HOOKED_LAUNCHER} --config /etc/hermesd/hermesd.toml
 """
 
 MEMORY_CONFIG = """\
@@ -172,9 +179,11 @@ def test_service_lifecycle(nspawn_venv: Path, e2e_stores: dict[str, Path], tmp_p
             (HERE / "drive_service_e2e.py").read_text(),
             venv=nspawn_venv, out_dir=tmp_path / "out", state_dir=state, timeout=480,
             memory_limit=LIFECYCLE_MEMORY_LIMIT,
-            units={"hermesd.service": SHIPPED_UNIT.read_text()},  # as shipped: no drop-in
+            # as shipped, but started through tests/hooked_daemon.py: its executor hook wedges on "hang:N"
+            units={"hermesd.service": SHIPPED_UNIT.read_text(), HOOK_DROPIN_PATH: HOOK_DROPIN},
             payload={"e2e_client.py": (HERE / "e2e_client.py").read_text()},
-            files={"/etc/hermesd/hermesd.toml": LIFECYCLE_CONFIG})
+            files={"/etc/hermesd/hermesd.toml": LIFECYCLE_CONFIG,
+                   HOOKED_LAUNCHER: (HERE.parent / "hooked_daemon.py").read_text()})
     finally:
         shutil.rmtree(state / "stores", ignore_errors=True)
     assert result.returncode == 0 and not result.timed_out, result.diagnostics()
@@ -187,9 +196,11 @@ def test_service_lifecycle(nspawn_venv: Path, e2e_stores: dict[str, Path], tmp_p
 def check_lifecycle(f: dict, request: pytest.FixtureRequest) -> None:
     """Assert what ``drive_service_e2e.py`` recorded (``f``: its findings.json)."""
 
-    # The unit in force is the shipped file, untouched; its exposure inside the container.
-    assert f["unit_cat"].strip().endswith(SHIPPED_UNIT.read_text().strip()), f["unit_cat"][:400]
-    assert "hermesd.service.d" not in f["unit_cat"]
+    # The unit in force is the shipped file, untouched, plus the one test drop-in that only swaps
+    # ExecStart for the hooked launcher; its exposure inside the container.
+    shipped_part, _, dropins = f["unit_cat"].partition(f"# /etc/systemd/system/{HOOK_DROPIN_PATH}")
+    assert shipped_part.strip().endswith(SHIPPED_UNIT.read_text().strip()), f["unit_cat"][:400]
+    assert dropins.strip() == HOOK_DROPIN.strip(), f["unit_cat"]
     assert f["exposure"] is not None and f["exposure"] <= MAX_EXPOSURE, f["security_table"]
     _report(request, "exposure", f["exposure"])
     assert f["config_check"]["rc"] == 0, f["config_check"]

@@ -1,0 +1,122 @@
+"""Request handlers: one ``handle_<op>`` per protocol verb, and the dispatch that picks it.
+
+Every handler runs on the daemon's main thread and returns the reply body (or None when it has
+replied itself). A handler refuses with ``Refused(code, message)``; any other exception costs that one
+request an ``internal`` error, never the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hermes_client import protocol
+from hermes_client.protocol import ErrorCode, JobState, Op, Reply
+
+from hermesd.daemon.jobs import QueuedJob, validate_submit
+from hermesd.daemon.journal import JobRecord
+from hermesd.daemon.status_report import status_reply
+from hermesd.errors import Refused
+from hermesd.version import __version__
+
+log = logging.getLogger("hermesd.server")
+OPS = frozenset(op.value for op in Op)
+
+
+class RequestHandlers:
+    """Answers the requests of one daemon from its queue, journal, executor and models."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon  # the hermesd.daemon.server.Daemon that owns these handlers (not imported: it imports us)
+
+    def dispatch(self, envelope: list[bytes], payload: bytes) -> None:
+        """Decode one request, run its handler, and send the reply with the request's ``rid``."""
+        rid = None
+        try:
+            message = protocol.unpack(payload, self.daemon.settings.max_message_bytes)
+            rid = message.get("rid") if isinstance(message.get("rid"), (int, str)) else None
+            if message.get("v") != protocol.PROTOCOL_VERSION:
+                raise Refused(ErrorCode.UNSUPPORTED_VERSION,
+                              f"protocol version {message.get('v')!r}; this daemon speaks {protocol.PROTOCOL_VERSION}")
+            op = message.get("op")
+            if not isinstance(op, str) or op not in OPS:
+                raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; ops are {sorted(OPS)}")
+            reply = getattr(self, f"handle_{op}")(message, envelope)
+        except protocol.DecodeError as exc:
+            reply = protocol.error(exc.code, str(exc))
+        except Refused as exc:
+            reply = protocol.error(exc.code, exc.message)
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            log.exception("request failed")
+            reply = protocol.error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        if reply is not None:
+            self.daemon.send(envelope, {**reply, "rid": rid})
+
+    def handle_ping(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return {"type": Reply.PONG.value, "version": __version__, "protocol": protocol.PROTOCOL_VERSION,
+                "uptime_s": round(time.monotonic() - self.daemon.started, 3), "state": self.daemon.state.value}
+
+    def handle_status(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return status_reply(self.daemon.view())
+
+    def handle_models(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return {"type": Reply.MODELS.value, "models": [host.describe() for host in list(self.daemon.hosts.values())]}
+
+    def handle_job(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        return {"type": Reply.JOB.value, "job": self._record(message).public()}
+
+    def handle_cancel(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
+        daemon = self.daemon
+        record = self._record(message)
+        queued = daemon.queue.remove(record.id)
+        if queued is not None:
+            daemon.finish(queued, JobState.CANCELLED)
+            return {"type": Reply.JOB.value, "job": daemon.journal.get(record.id).public(), "cancelled": True}
+        current = daemon.executor.current  # taken by the executor, its "started" event not yet handled
+        running = daemon.running.get(record.id) or (current if current is not None and current.id == record.id
+                                                    else None)
+        if running is not None:
+            running.cancel.set()
+        return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
+
+    def handle_submit(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any] | None:
+        daemon = self.daemon
+        if not daemon.accepting:
+            raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; submit again after it restarts")
+        record = validate_submit(message, daemon.settings.models)
+        if record.client_job_id and (known := daemon.journal.by_client_id(record.client_job_id)):
+            return self._duplicate(known, envelope, message.get("rid"))
+        daemon.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
+        daemon.queue.check_room()  # before the journal: a refused job leaves no trace
+        daemon.journal.add(record)  # durable before the client hears "accepted"
+        position = daemon.queue.put(QueuedJob(record, reply_to=envelope), force=True)
+        log.info("job %s accepted: %s %s, priority %d, position %d", record.id, record.model, record.task,
+                 record.priority, position)
+        return {"type": Reply.ACCEPTED.value, "job_id": record.id, "position": position}
+
+    def _duplicate(self, known: JobRecord, envelope: list[bytes], rid: Any) -> None:
+        """A resent submit (same client job id): confirm the job; if it has ended, resend its end."""
+        daemon = self.daemon
+        daemon.send(envelope, {"type": Reply.ACCEPTED.value, "job_id": known.id, "position": 0,
+                               "duplicate": True, "rid": rid})
+        queued = next((j for j in daemon.queue.jobs() if j.id == known.id), None) or daemon.running.get(known.id)
+        if queued is not None:
+            queued.reply_to = envelope  # the client reconnected: deliver the end to its new socket
+        elif known.ended:
+            daemon.send(envelope, final_message(known))
+        return None
+
+    def _record(self, message: dict[str, Any]) -> JobRecord:
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str):
+            raise Refused(ErrorCode.BAD_REQUEST, "field 'job_id' must be a string")
+        record = self.daemon.journal.get(job_id)
+        if record is None:
+            raise Refused(ErrorCode.NOT_FOUND, f"no job {job_id!r} (unknown, or its result has expired)")
+        return record
+
+
+def final_message(record: JobRecord) -> dict[str, Any]:
+    """The one final reply an ended job's record stands for."""
+    return protocol.final_reply(record.id, record.state, record.result, record.error_code, record.error_message)
