@@ -99,7 +99,7 @@ def _add_profile(commands) -> None:
 def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="choose the fastest plan under a memory budget (Pipeline Planner)")
     plan.add_argument("store", type=Path)
-    plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB")
+    plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB, or 'auto'")
     plan.add_argument("--workload", default="128", help="PROMPT[:NEW[:BATCH]] tokens (default 128)")
     plan.add_argument("--prefetch", type=_at_least(0), help="consider only this prefetch depth")
     plan.add_argument("--explain", action="store_true", help="say why: the bound, marginal value, other budgets")
@@ -138,7 +138,8 @@ def _add_serve(commands) -> None:
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--memory-budget", help="process memory budget, e.g. 512MiB (default: none)")
+    parser.add_argument("--memory-budget", help="process memory budget, e.g. 512MiB, or 'auto' (the default unless "
+                                                "--prefetch/--resident/--loaders are given: the memory available now)")
     parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 2")
     parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
     parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")

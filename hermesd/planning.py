@@ -2,8 +2,9 @@
 
 The CLI (``run``, ``plan``, ``profile``), the daemon and ``hermesd.load`` all come here:
 
-- explicit settings (``prefetch``, ``resident``, ``loaders``) or no budget: the engine's fit of those
-  settings (``plan.budget.fit_plan``);
+- no budget and no explicit settings, or ``"auto"``: the memory actually available (``auto_budget``);
+- explicit settings (``prefetch``, ``resident``, ``loaders``) and no budget: the fit of those settings
+  alone (``plan.budget.fit_plan``), nothing resident unless named;
 - a budget and a fresh profile: the plan ``hermesd plan`` saved for that budget and workload, else the
   Pipeline Planner's choice from the profile;
 - a budget and no profile: the fit, unless ``profile="if-missing"`` measures one first.
@@ -30,9 +31,18 @@ from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
 from hermesd.profiling import profile_store
 from hermesd.store.manifest import Manifest
 from hermesd.units import parse_size
+from hermesd.watchdog.sensors import MemoryReading, read_memory, read_memory_available
 
 ProfileMode = Literal["never", "if-fresh", "if-missing", "force"]
 ProgressFn = Callable[[str], None]
+AUTO = "auto"
+# An automatic budget leaves this much of the available memory to everything else (page cache for the
+# streamed stages, other processes, allocator slack) ...
+AUTO_MARGIN_FRACTION = 0.10
+AUTO_MARGIN_MIN = 64 << 20
+# ... and never plans past this share of the enforced limit, so a planned peak stays below the memory
+# watchdog's default low water (85 %) and does not shed what it just loaded.
+AUTO_LIMIT_SHARE = 0.80
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,27 @@ class Resolved:
     source: str
     profile: Profile | None = None
     prediction: Prediction | None = None  # the planner's prediction, when it chose
+
+
+def auto_budget(reading: MemoryReading | None = None) -> int:
+    """The process budget that uses the memory that is there: this process's RSS plus what is free now.
+
+    Free means the tightest of the cgroup limit's headroom and MemAvailable, less a margin of 10 %
+    (at least 64 MiB), and the whole is capped at 80 % of the enforced limit (cgroup, else MemTotal).
+    """
+    reading = reading or read_memory()
+    free = reading.limit_bytes - reading.used_bytes
+    if reading.source != "meminfo":  # a cgroup limit: the machine may still be the tighter bound
+        free = min(free, read_memory_available())
+    margin = max(int(free * AUTO_MARGIN_FRACTION), AUTO_MARGIN_MIN)
+    return int(min(memory.rss_bytes() + max(free - margin, 0), reading.limit_bytes * AUTO_LIMIT_SHARE))
+
+
+def budget_bytes_for(budget: int | str | None, explicit: bool) -> int | None:
+    """Bytes for a budget as given: a size, "auto", or None (auto unless explicit settings stand alone)."""
+    if budget == AUTO or (budget is None and not explicit):
+        return auto_budget()
+    return parse_size(budget) if budget is not None else None
 
 
 def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_tokens: int = 128,
@@ -71,8 +102,10 @@ def resolve(store_dir: str | os.PathLike[str], budget: int | str | None = None, 
             prefetch: int | None = None, resident: list[str] | str | None = None, loaders: int | None = None,
             profile: ProfileMode = "if-fresh", depths: range | None = None, use_saved: bool = True,
             direct_io: bool | None = None, progress: ProgressFn | None = None) -> Resolved:
-    """Decide the plan for a store under a memory budget (bytes or a size such as "512MiB").
+    """Decide the plan for a store under a memory budget (bytes, a size such as "512MiB", or "auto").
 
+    No budget means "auto" unless ``prefetch``, ``resident`` or ``loaders`` are given: those alone are
+    planned as stated, with nothing else resident.
     workload: the largest job the plan must fit; None takes a saved plan's own workload, else 512 tokens.
     depths: prefetch depths the planner may consider (``hermesd plan --prefetch``).
     use_saved: False ignores saved plans (``hermesd plan`` decides anew).
@@ -80,8 +113,8 @@ def resolve(store_dir: str | os.PathLike[str], budget: int | str | None = None, 
     """
     store_dir = Path(store_dir)
     manifest = Manifest.load(store_dir)
-    budget_bytes = parse_size(budget) if budget is not None else None
     explicit = prefetch is not None or resident is not None or loaders is not None
+    budget_bytes = budget_bytes_for(budget, explicit)
     measured = None if budget_bytes is None or explicit else obtain_profile(store_dir, profile, progress=progress)
     if measured is not None:
         saved = saved_plan(store_dir, budget_bytes, workload, manifest) if use_saved else None
@@ -101,8 +134,9 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
          workload: Workload | None = None, plan: Plan | None = None) -> Engine:
     """Open a store and return an Engine whose ``model`` streams stages under a memory plan.
 
-    memory_budget: bytes or a size such as "512MiB" for the whole process; the deepest prefetch and the
-        most resident stages that fit are chosen. A budget below the model's minimum raises BudgetError.
+    memory_budget: bytes, a size such as "512MiB", or "auto", for the whole process; the deepest prefetch
+        and the most resident stages that fit are chosen. A budget below the model's minimum raises
+        BudgetError. None means "auto" (the memory available now) unless prefetch/resident/loaders are given.
     prefetch: stages read ahead while one computes (k); default 2 (see plan.budget.DEFAULT_PREFETCH).
     resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
     loaders: loader threads (default: one per prefetched stage).

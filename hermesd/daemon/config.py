@@ -47,7 +47,7 @@ class ModelSettings(_Strict):
     @field_validator("memory_budget")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
-        if value is not None:
+        if value is not None and value != "auto":
             parse_size(value)  # raises ValueError with the reason
         return value
 
@@ -61,7 +61,9 @@ class ModelSettings(_Strict):
 
     @property
     def budget_bytes(self) -> int | None:
-        return parse_size(self.memory_budget) if self.memory_budget is not None else None
+        """The budget in bytes when it is a size; None for "auto" or no budget (planned at load)."""
+        explicit = self.memory_budget is not None and self.memory_budget != "auto"
+        return parse_size(self.memory_budget) if explicit else None
 
 
 class Settings(BaseSettings):

@@ -64,7 +64,7 @@ def open_model(name: str, settings: ModelSettings, progress: Callable[[str], Non
         log.info("model %s: %s", name, message)
 
     try:
-        resolved = resolve(settings.store, settings.budget_bytes, workload_of(settings), prefetch=settings.prefetch,
+        resolved = resolve(settings.store, settings.memory_budget, workload_of(settings), prefetch=settings.prefetch,
                            resident=settings.resident, profile="if-missing" if settings.profile else "if-fresh",
                            progress=say)
         engine = Engine.open(settings.store, resolved.plan)

@@ -91,6 +91,11 @@ def read_memory() -> MemoryReading:
     return _meminfo(psi)
 
 
+def read_memory_available() -> int:
+    """The machine's MemAvailable in bytes (what can be allocated without swapping)."""
+    return _stat(Path("/proc/meminfo")).get("MemAvailable", 0) * 1024
+
+
 def _cgroup_paths() -> dict[str, str]:
     """controller ("" for v2) -> path, from /proc/self/cgroup."""
     paths = {}
@@ -199,4 +204,4 @@ def _psi_some_avg10(path: str = "/proc/pressure/memory") -> float | None:
     return None
 
 
-__all__ = ["Temperature", "MemoryReading", "read_temperature", "read_memory"]
+__all__ = ["Temperature", "MemoryReading", "read_temperature", "read_memory", "read_memory_available"]
