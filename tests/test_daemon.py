@@ -120,6 +120,33 @@ HOSTILE = [
     (_submit(task="embed", model="bert", inputs="x", deadline_s=-1), ErrorCode.BAD_REQUEST),
     (_submit(task="embed", model="bert", inputs="x", priority=True), ErrorCode.BAD_REQUEST),
     (_submit(task="forward", model="bert", inputs=[[1, -2]]), ErrorCode.INVALID_PARAMS),
+    # strict types: true is not 1, 1.0 is not 1, keys are strings, op is a string
+    (msgpack.packb({"v": True, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": 1.0, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": "1", "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": 1, "op": ["ping"]}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": {"a": 1}}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": None}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": "ping", "rid": "r" * 10_000}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "rid": True}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({b"v": 1, b"op": b"ping"}, use_bin_type=True), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "x": {b"k": 1}}, use_bin_type=True), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "x": {1: 1}}), ErrorCode.BAD_REQUEST),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": 2.0}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"temperature": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"top_k": False}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"seed": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": "abc"}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": {"a": "b"}}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": ["a", 1]}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"chat": 1}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", priority=1.0), ErrorCode.BAD_REQUEST),
+    (_submit(task="generate", model="llama", inputs="x", progress=1), ErrorCode.BAD_REQUEST),
+    (_submit(task="embed", model="bert", inputs="x", deadline_s=True), ErrorCode.BAD_REQUEST),
+    (_submit(task="classify", model="cls", inputs="x", params={"top_k": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="forward", model="bert", inputs=[[1, True]]), ErrorCode.INVALID_PARAMS),
+    (_submit(task="forward", model="bert", inputs=[[1, 2.0]]), ErrorCode.INVALID_PARAMS),
 ]
 
 
@@ -131,6 +158,7 @@ def test_hostile_input_gets_error_replies_and_the_daemon_keeps_serving(daemon, c
         assert reply["code"] == code.value, (payload, reply)
         assert reply["message"]
     assert replies[-1]["rid"] == 7  # the request id is echoed even on errors
+    assert "request failed" not in daemon.log() and "Traceback" not in daemon.log()
     # Oversize: ZeroMQ's MAXMSGSIZE drops the connection before the daemon sees the message.
     assert _raw(daemon.endpoint, msgpack.packb({"v": 1, "op": "ping", "pad": "x" * 200_000}), timeout=2) == [None]
     status = client.status()
@@ -218,3 +246,5 @@ def test_protocol_limits_are_checked_before_decoding_the_whole_message():
     with pytest.raises(protocol.DecodeError):
         protocol.unpack(msgpack.packb({"a": list(range(protocol.MAX_ITEMS + 1))}))
     assert protocol.unpack(protocol.pack({"op": "ping"})) == {"v": protocol.PROTOCOL_VERSION, "op": "ping"}
+    with pytest.raises(protocol.DecodeError, match="keys must be strings"):
+        protocol.unpack(msgpack.packb({"v": 1, "op": "ping", "deep": [{b"k": 1}]}, use_bin_type=True))

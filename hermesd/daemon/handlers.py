@@ -35,13 +35,8 @@ class RequestHandlers:
         rid = None
         try:
             message = protocol.unpack(payload, self.daemon.settings.max_message_bytes)
-            rid = message.get("rid") if isinstance(message.get("rid"), (int, str)) else None
-            if message.get("v") != protocol.PROTOCOL_VERSION:
-                raise Refused(ErrorCode.UNSUPPORTED_VERSION,
-                              f"protocol version {message.get('v')!r}; this daemon speaks {protocol.PROTOCOL_VERSION}")
-            op = message.get("op")
-            if not isinstance(op, str) or op not in OPS:
-                raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; ops are {sorted(OPS)}")
+            rid = _checked_rid(message)
+            op = _checked_op(message)
             reply = getattr(self, f"handle_{op}")(message, envelope)
         except protocol.DecodeError as exc:
             reply = protocol.error(exc.code, str(exc))
@@ -115,6 +110,34 @@ class RequestHandlers:
         if record is None:
             raise Refused(ErrorCode.NOT_FOUND, f"no job {job_id!r} (unknown, or its result has expired)")
         return record
+
+
+def _checked_rid(message: dict[str, Any]) -> int | str | None:
+    """The request id to echo: an int (not a bool) in 64 bits or a short string; else Refused."""
+    rid = message.get("rid")
+    if rid is None:
+        return None
+    if protocol.is_int(rid) and protocol.RID_RANGE[0] <= rid <= protocol.RID_RANGE[1]:
+        return rid
+    if isinstance(rid, str) and len(rid) <= protocol.MAX_RID_CHARS:
+        return rid
+    # Echoing a huge rid would let one small request cost a large reply (and its queue slot).
+    raise Refused(ErrorCode.BAD_REQUEST, f"field 'rid' must be a 64-bit int or a string of at most "
+                                         f"{protocol.MAX_RID_CHARS} characters")
+
+
+def _checked_op(message: dict[str, Any]) -> str:
+    """The request's verb, after the version: exactly the int 1 (not true, not 1.0)."""
+    version = message.get("v")
+    if not (protocol.is_int(version) and version == protocol.PROTOCOL_VERSION):
+        shown = repr(version) if isinstance(version, (int, float, bool)) or version is None else type(version).__name__
+        raise Refused(ErrorCode.UNSUPPORTED_VERSION,
+                      f"protocol version {shown}; this daemon speaks the int {protocol.PROTOCOL_VERSION}")
+    op = message.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        shown = repr(op[:64]) if isinstance(op, str) else f"of type {type(op).__name__}"
+        raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {shown}; ops are {sorted(OPS)}")
+    return op
 
 
 def final_message(record: JobRecord) -> dict[str, Any]:
