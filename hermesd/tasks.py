@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hermes_client.protocol import MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
+from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
 
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
-
-MAX_FORWARD_VALUES = 1 << 20  # values a forward result may carry before it is refused as too large
 
 
 @dataclass(frozen=True)

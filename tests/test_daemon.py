@@ -248,3 +248,62 @@ def test_protocol_limits_are_checked_before_decoding_the_whole_message():
     assert protocol.unpack(protocol.pack({"op": "ping"})) == {"v": protocol.PROTOCOL_VERSION, "op": "ping"}
     with pytest.raises(protocol.DecodeError, match="keys must be strings"):
         protocol.unpack(msgpack.packb({"v": 1, "op": "ping", "deep": [{b"k": 1}]}, use_bin_type=True))
+
+
+COSTLY = [  # (submit fields, the limit or rule the error must name)
+    (dict(task="forward", model="llama", inputs=[[1, 5000]]), "vocabulary (0..4999)"),
+    (dict(task="forward", model="llama", inputs=[[2**63]]), "vocabulary"),
+    (dict(task="forward", model="llama", inputs=[[2**64 - 1, 1]]), "vocabulary"),
+    (dict(task="forward", model="llama", inputs=[[1, 2], [3]]), "same length"),
+    (dict(task="forward", model="bert", inputs=[[1] * 33]), "max_prompt_tokens"),
+    (dict(task="forward", model="llama", inputs=[[1] * 300] * 4), "max_forward_output_bytes"),
+    (dict(task="forward", model="llama", inputs=["w1 " * 100]), "max_forward_output_bytes"),
+    (dict(task="generate", model="llama", inputs="x", params={"stop": ["s"] * 17}), "max_stop_strings"),
+    (dict(task="generate", model="llama", inputs="x", params={"stop": ["s" * 65]}), "max_stop_chars"),
+]
+
+
+def test_costs_are_refused_before_queueing_with_the_limit_named(daemon, client):
+    before = client.status()["jobs"]
+    replies = _raw(daemon.endpoint, *(_submit(**fields) for fields, _ in COSTLY))
+    for (fields, named), reply in zip(COSTLY, replies):
+        assert reply["type"] == "error" and reply["code"] == "invalid_params", (fields, reply)
+        assert named in reply["message"], (fields, reply)
+    assert client.status()["jobs"] == before  # nothing was journaled
+    # just under the limits: accepted and run
+    fine = client.submit("forward", "llama", [[1, 4999]]).result(60)
+    assert fine["outputs"]["logits"]["shape"] == [1, 2, 5000]
+    at_limit = client.submit("generate", "llama", PROMPT, {"max_new_tokens": 2, "stop": ["s" * 64] * 16})
+    try:  # accepted and run; transformers' stop strings fail on this word-level test vocabulary
+        at_limit.result(60)
+    except JobFailed as exc:
+        assert exc.code == "task_failed"
+
+
+def _raw_frames(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes] | None:
+    """Send one multipart message from a fresh DEALER; the reply's frames, or None."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        return sock.recv_multipart() if sock.poll(timeout * 1000) else None
+    finally:
+        sock.close()
+
+
+def test_frames_past_the_envelope_and_payload_or_the_byte_limit_are_dropped_with_an_error(daemon, client):
+    ping = msgpack.packb({"v": 1, "op": "ping", "rid": 1})
+    extra = _raw_frames(daemon.endpoint, [b"", ping, b"one frame too many"])
+    assert extra[0] == b"" and len(extra) == 2  # the reply goes back to the envelope, nothing echoed
+    error = msgpack.unpackb(extra[-1])
+    assert error["code"] == "too_large" and "max_message_frames" in error["message"] and "4 frames" in error["message"]
+    # 60 frames of 60 KB: each is under MAXMSGSIZE (64 KiB here), the message is not
+    flood = _raw_frames(daemon.endpoint, [b""] + [b"x" * 60_000] * 59 + [ping])
+    assert len(flood) == 2 and msgpack.unpackb(flood[-1])["code"] == "too_large"
+    # two frames under the frame count but over the byte limit together
+    big = _raw_frames(daemon.endpoint, [b"y" * 40_000, msgpack.packb({"v": 1, "op": "ping", "p": "z" * 40_000})])
+    error = msgpack.unpackb(big[-1])
+    assert error["code"] == "too_large" and "max_message_bytes" in error["message"]
+    assert _raw_frames(daemon.endpoint, [b"", ping]) is not None  # a well-formed request still works
+    assert client.ping()["type"] == "pong"

@@ -100,6 +100,7 @@ PRIORITY_RANGE = (0, 9)                   # higher runs first
 MAX_CLIENT_JOB_ID = 128                   # characters
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_NEW_TOKENS = 4096                     # the most tokens one generate job may ask for (any model)
+MAX_FORWARD_VALUES = 1 << 20             # values one forward output may carry (fp32: 4 MiB) at run time
 MAX_RID_CHARS = 128                       # a longer string rid is refused (replies echo it)
 RID_RANGE = (-(1 << 63), (1 << 63) - 1)   # an int rid must fit in 64 bits
 TASK_NAMES = tuple(task.value for task in Task)

@@ -14,10 +14,12 @@ from typing import Any
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Op, Reply
 
+from hermesd.daemon.costs import ModelShape, check_costs
 from hermesd.daemon.jobs import QueuedJob, validate_submit
 from hermesd.daemon.journal import JobRecord
 from hermesd.daemon.status_report import status_reply
-from hermesd.errors import Refused
+from hermesd.errors import Refused, StoreError
+from hermesd.store.manifest import Manifest
 from hermesd.version import __version__
 
 log = logging.getLogger("hermesd.server")
@@ -80,6 +82,8 @@ class RequestHandlers:
         if not daemon.accepting:
             raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; submit again after it restarts")
         record = validate_submit(message, daemon.settings.models)
+        check_costs(record.task, record.inputs, record.params, daemon.settings.models[record.model],
+                    self._shape(record.model), daemon.settings)
         if record.client_job_id and (known := daemon.journal.by_client_id(record.client_job_id)):
             return self._duplicate(known, envelope, message.get("rid"))
         daemon.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
@@ -101,6 +105,17 @@ class RequestHandlers:
         elif known.ended:
             daemon.send(envelope, final_message(known))
         return None
+
+    def _shape(self, name: str) -> ModelShape:
+        """The sizes of a configured model: from its open engine, else (reload under way) its store."""
+        settings = self.daemon.settings.models[name]
+        host = self.daemon.hosts.get(name)
+        if host is not None and host.settings == settings:
+            return ModelShape.of(host.engine.manifest)
+        try:
+            return ModelShape.of(Manifest.load(settings.store))
+        except StoreError as exc:
+            raise Refused(ErrorCode.UNKNOWN_MODEL, f"model {name!r} cannot be read: {exc}") from None
 
     def _record(self, message: dict[str, Any]) -> JobRecord:
         job_id = message.get("job_id")

@@ -32,7 +32,7 @@ from hermesd.daemon.hosting import ModelHost, open_model
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
-from hermesd.daemon.sockets import WakePair, open_router
+from hermesd.daemon.sockets import WakePair, open_router, receive
 from hermesd.daemon.status_report import DaemonView, status_line
 from hermesd.daemon.watchdogs import Watchdogs
 from hermesd.errors import HermesError
@@ -269,11 +269,14 @@ class Daemon:
     def _receive_batch(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                incoming = receive(self.router, self.settings.max_message_frames, self.settings.max_message_bytes)
             except zmq.Again:
                 return
-            if len(frames) >= 2:
-                self.handlers.dispatch(frames[:-1], frames[-1])
+            if incoming.problem is not None:
+                log.debug("message dropped: %s", incoming.problem)  # debug: a flood must not flood the log
+                self.send(incoming.envelope, {**protocol.error(ErrorCode.TOO_LARGE, incoming.problem), "rid": None})
+            elif incoming.payload is not None:
+                self.handlers.dispatch(incoming.envelope, incoming.payload)
 
     def send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
         """Send to one client; False if it is gone (its job's result stays fetchable by id)."""
