@@ -111,6 +111,24 @@ def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stor
     assert states == [("done", 4)]
 
 
+def test_a_cancel_acknowledged_just_before_a_crash_is_not_forgotten(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores))
+    daemon = start_daemon(tmp_path, hooked=True)
+    client = daemon.client()
+    job = client.submit("embed", "bert", hang_input(4))  # running, no stage reached yet
+    wait_for_state(client, job.id, "running")
+    assert client.cancel(job.id) is True
+    daemon.proc.kill()  # SIGKILL right after the acknowledgement
+    daemon.stop()
+    again = start_daemon(tmp_path, hooked=True)
+    record = again.client().job(job.id)
+    assert record["state"] == "cancelled" and record["cancel_requested"] is not None, record
+    time.sleep(5)  # longer than the job would have taken had it been run again
+    assert again.client().job(job.id)["state"] == "cancelled"
+    assert "it stays cancelled" in again.log()
+    assert again.stop() == 0
+
+
 def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
     write_config(tmp_path, _models(daemon_stores), queue_size=4)
     daemon = start_daemon(tmp_path, hooked=True)

@@ -73,9 +73,11 @@ class RequestHandlers:
         current = daemon.executor.current  # taken by the executor, its "started" event not yet handled
         running = daemon.running.get(record.id) or (current if current is not None and current.id == record.id
                                                     else None)
-        if running is not None:
-            running.cancel.set()
-        return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
+        if running is None:
+            return {"type": Reply.JOB.value, "job": record.public(), "cancelled": False}
+        daemon.journal.request_cancel(record.id)  # durable before "cancelled": a crash must not forget it
+        running.cancel.set()
+        return {"type": Reply.JOB.value, "job": daemon.journal.get(record.id).public(), "cancelled": True}
 
     def handle_submit(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any] | None:
         daemon = self.daemon

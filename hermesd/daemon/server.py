@@ -136,6 +136,10 @@ class Daemon:
     def _restore_jobs(self) -> None:
         """Queue again what was queued or running when the daemon last stopped (crash or restart)."""
         for record in self.journal.unfinished():
+            if record.cancel_requested is not None:
+                self.journal.finish(record.id, JobState.CANCELLED)
+                log.info("job %s was cancelled before the daemon stopped; it stays cancelled", record.id)
+                continue
             if record.state == JobState.RUNNING.value and record.attempts >= self.settings.max_attempts:
                 message = f"the daemon stopped during this job {record.attempts} times; not trying again"
                 self.journal.finish(record.id, JobState.FAILED, error=(ErrorCode.TASK_FAILED.value, message))
