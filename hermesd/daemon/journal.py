@@ -112,6 +112,11 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def files(self) -> list[Path]:
+        """The journal's files on disk: the database and, in WAL mode, its -wal and -shm files."""
+        candidates = [self.path, *(self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm"))]
+        return [path for path in candidates if path.exists()]
+
     # -- writes ---------------------------------------------------------------------------------
     def add(self, job: JobRecord) -> JobRecord:
         """Insert a queued job; its ``seq`` (submission order) is filled in."""

@@ -38,8 +38,11 @@ def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, l
 def _bind(router: zmq.Socket, endpoint: str, mode: int) -> None:
     path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
     try:
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            # Under the daemon's umask 077 the directory would shut out the clients socket_mode lets in:
+            # give them search permission, nothing more (the socket's mode decides who connects).
+            os.chmod(path.parent, 0o700 | (0o010 if mode & 0o060 else 0) | (0o001 if mode & 0o006 else 0))
         router.bind(endpoint)
         if path is not None:
             os.chmod(path, mode)
