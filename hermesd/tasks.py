@@ -7,6 +7,9 @@ the daemon's protocol.
 
 from __future__ import annotations
 
+import io
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +53,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 MAX_INPUTS = 256  # texts or images in one job
+MAX_IMAGE_BYTES = 32 << 20  # one image file; a larger one is refused before it is read
 
 
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
@@ -273,12 +277,43 @@ def _open_images(paths: list[str]) -> list[Any]:
     except ImportError:
         raise TaskError("image classification needs Pillow: pip install pillow") from None
     images = []
-    for path in paths:
+    for index, path in enumerate(paths):
+        # One message for every failure: which files exist, or what they hold, is not the client's to learn.
+        refused = TaskError(f"image {index}: not allowed or not readable (a regular image file of at most "
+                            f"{MAX_IMAGE_BYTES >> 20} MiB, not a link)")
+        data = _read_regular_file(path)
+        if data is None:
+            raise refused
         try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise TaskError(f"cannot open image {path!r}: {exc}") from None
+            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise refused from None
     return images
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES, or None.
+
+    Opened without following a final symlink and without blocking, then checked to be a regular file:
+    a FIFO would otherwise hold the executor until someone writes to it, and a device never ends.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, ValueError, TypeError):  # ValueError: a NUL in the path
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
+            return None
+        chunks, size = [], 0
+        while size <= MAX_IMAGE_BYTES and (chunk := os.read(fd, 1 << 20)):  # a file may grow while read
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if size <= MAX_IMAGE_BYTES else None
 
 
 # -- forward --------------------------------------------------------------------------------------

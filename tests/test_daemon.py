@@ -6,6 +6,8 @@ daemon are in test_daemon_lifecycle.py.
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 import torch
@@ -26,7 +28,7 @@ def daemon(daemon_stores, tmp_path_factory):
     root = tmp_path_factory.mktemp("daemon")
     write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
                         "bert": {"store": stores["bert"], "prefetch": 2, "max_prompt_tokens": 32},
-                        "cls": {"store": stores["bert-cls"]}},
+                        "cls": {"store": stores["bert-cls"]}, "vit": {"store": stores["vit"]}},
                  queue_size=2, max_message_bytes=65536, progress_interval_s=0.0)
     running = start_daemon(root, hooked=True)
     yield running
@@ -307,3 +309,24 @@ def test_frames_past_the_envelope_and_payload_or_the_byte_limit_are_dropped_with
     assert error["code"] == "too_large" and "max_message_bytes" in error["message"]
     assert _raw_frames(daemon.endpoint, [b"", ping]) is not None  # a well-formed request still works
     assert client.ping()["type"] == "pong"
+
+
+def test_classify_refuses_fifos_devices_links_and_non_images_alike_without_blocking(client, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), "red").save(good)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opened for reading with blocking I/O, this holds the executor until a writer comes
+    link = tmp_path / "link.png"
+    link.symlink_to(good)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    messages = set()
+    for path in (fifo, "/dev/zero", link, tmp_path / "missing.png", text, tmp_path, "/etc/passwd"):
+        with pytest.raises(JobFailed) as info:  # a TimeoutError if the executor blocked on it
+            client.classify("vit", [str(good), str(path)], timeout=15)
+        assert info.value.code == "invalid_params", (path, info.value.message)
+        messages.add(info.value.message)
+    assert len(messages) == 1 and next(iter(messages)).startswith("image 1: not allowed or not readable")
+    assert client.classify("vit", [str(good)], top_k=1)["labels"][0][0]["label"] in {"cat", "dog", "bird"}
