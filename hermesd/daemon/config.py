@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     tcp_endpoint: str | None = None
     socket_mode: str = "0660"
     max_message_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 30)
-    max_message_frames: int = Field(default=3, ge=2, le=64)
+    max_message_frames: int = Field(default=3, ge=3, le=64)
     max_stop_strings: int = Field(default=16, ge=0, le=1024)
     max_stop_chars: int = Field(default=64, ge=1, le=4096)
     max_forward_output_bytes: int = Field(default=MAX_FORWARD_VALUES * 4, ge=4096, le=MAX_FORWARD_VALUES * 4)
