@@ -7,16 +7,17 @@ the daemon's protocol.
 
 from __future__ import annotations
 
+import io
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hermes_client.protocol import MAX_NEW_TOKENS, TASK_NAMES
+from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
 
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
-
-MAX_FORWARD_VALUES = 1 << 20  # values a forward result may carry before it is refused as too large
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,18 @@ class GenerateParams:
     chat: bool | None = None  # None: use the chat template when the tokenizer has one
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
+        # Bools are refused where numbers are expected: true is not 1 in the protocol.
+        _require(is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= MAX_NEW_TOKENS,
                  f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
-        _require(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 10,
+        _require(is_number(self.temperature) and 0 <= self.temperature <= 10,
                  "temperature must be a number in 0..10")
-        _require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a non-negative integer")
-        _require(self.seed is None or isinstance(self.seed, int), "seed must be an integer")
-        _require(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
+        _require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be a number in (0, 1]")
+        _require(is_int(self.top_k) and self.top_k >= 0, "top_k must be a non-negative integer")
+        _require(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 1 << 63),
+                 "seed must be an integer in 0..2^63-1")
+        _require(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+                 "stop must be a list of non-empty strings")
+        _require(self.chat is None or isinstance(self.chat, bool), "chat must be true or false")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -48,6 +53,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 MAX_INPUTS = 256  # texts or images in one job
+MAX_IMAGE_BYTES = 32 << 20  # one image file; a larger one is refused before it is read
 
 
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
@@ -71,7 +77,7 @@ def check_params(task: str, params: dict[str, Any]) -> dict[str, Any]:
     _require(task in TASK_NAMES, f"unknown task {task!r}; tasks are {', '.join(TASK_NAMES)}")
     params = dict(params)
     if task == "generate":
-        if isinstance(params.get("stop"), (list, tuple)):
+        if isinstance(params.get("stop"), list):  # a string or a map is refused, not iterated
             params["stop"] = tuple(params["stop"])
         _build(GenerateParams, params)
     elif task == "embed":
@@ -95,8 +101,7 @@ def check_inputs(task: str, inputs: Any) -> None:
         else:
             _require(isinstance(inputs, str) and inputs != "", "prompt must be a non-empty string")
     elif task == "forward" and isinstance(inputs, list) and inputs and all(isinstance(r, list) for r in inputs):
-        _require(len(inputs) <= MAX_INPUTS and all(r and all(isinstance(t, int) and t >= 0 for t in r)
-                                                   for r in inputs),
+        _require(len(inputs) <= MAX_INPUTS and all(r and all(is_int(t) and t >= 0 for t in r) for r in inputs),
                  "token ids must be non-empty lists of non-negative integers")
     else:
         _require(len(_texts(inputs)) <= MAX_INPUTS, f"at most {MAX_INPUTS} inputs per job")
@@ -263,7 +268,7 @@ def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[st
 
 
 def _classify_options(top_k: Any) -> None:
-    _require(isinstance(top_k, int) and top_k >= 1, "top_k must be a positive integer")
+    _require(is_int(top_k) and top_k >= 1, "top_k must be a positive integer")
 
 
 def _open_images(paths: list[str]) -> list[Any]:
@@ -272,12 +277,43 @@ def _open_images(paths: list[str]) -> list[Any]:
     except ImportError:
         raise TaskError("image classification needs Pillow: pip install pillow") from None
     images = []
-    for path in paths:
+    for index, path in enumerate(paths):
+        # One message for every failure: which files exist, or what they hold, is not the client's to learn.
+        refused = TaskError(f"image {index}: not allowed or not readable (a regular image file of at most "
+                            f"{MAX_IMAGE_BYTES >> 20} MiB, not a link)")
+        data = _read_regular_file(path)
+        if data is None:
+            raise refused
         try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise TaskError(f"cannot open image {path!r}: {exc}") from None
+            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise refused from None
     return images
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES, or None.
+
+    Opened without following a final symlink and without blocking, then checked to be a regular file:
+    a FIFO would otherwise hold the executor until someone writes to it, and a device never ends.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (OSError, ValueError, TypeError):  # ValueError: a NUL in the path
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
+            return None
+        chunks, size = [], 0
+        while size <= MAX_IMAGE_BYTES and (chunk := os.read(fd, 1 << 20)):  # a file may grow while read
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if size <= MAX_IMAGE_BYTES else None
 
 
 # -- forward --------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def daemon_stores(converted, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Small random stores with a word-level tokenizer each, for daemon tests: llama, bert, bert-cls."""
+    """Small random stores for daemon tests: llama, bert, bert-cls (word-level tokenizers) and vit."""
     from daemon_support import save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("daemon-stores")
@@ -152,6 +152,8 @@ def daemon_stores(converted, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         stores[name] = root / name
         shutil.copytree(converted(name).store, stores[name])
         save_tiny_tokenizer(stores[name], VOCAB)
+    stores["vit"] = root / "vit"  # an image classifier: its image processor, no tokenizer
+    shutil.copytree(converted("vit").store, stores["vit"])
     return stores
 
 

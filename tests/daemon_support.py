@@ -20,6 +20,10 @@ from hermes_client import Client
 
 READY_TIMEOUT_S = 180.0  # torch + transformers import and model loading on a busy 2-core machine
 HOOKED_DAEMON = Path(__file__).with_name("hooked_daemon.py")
+REPO = Path(__file__).resolve().parent.parent
+# The daemon under test imports this checkout's hermesd and hermes_client, not whatever copy the venv
+# has installed (an editable install may point at another worktree).
+CHILD_PATH = os.pathsep.join([str(REPO), str(REPO / "client"), *filter(None, [os.environ.get("PYTHONPATH")])])
 STARTED: list[subprocess.Popen] = []  # every daemon a test started; conftest kills leftovers at session end
 
 
@@ -165,7 +169,8 @@ def start_daemon(root: Path, config_path: Path | None = None, env: dict[str, str
     config_path = config_path or root / "hermesd.toml"
     notify = notify or NotifySocket(root / f"notify-{time.monotonic_ns()}.sock")
     log_path = root / "daemon.log"
-    environment = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": CHILD_PATH, **(env or {})}
     with open(log_path, "ab") as log:
         command = [str(HOOKED_DAEMON)] if hooked else ["-m", "hermesd.cli", "serve"]
         proc = subprocess.Popen([sys.executable, *command, "--config", str(config_path)],

@@ -6,6 +6,8 @@ daemon are in test_daemon_lifecycle.py.
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 import torch
@@ -26,7 +28,7 @@ def daemon(daemon_stores, tmp_path_factory):
     root = tmp_path_factory.mktemp("daemon")
     write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
                         "bert": {"store": stores["bert"], "prefetch": 2, "max_prompt_tokens": 32},
-                        "cls": {"store": stores["bert-cls"]}},
+                        "cls": {"store": stores["bert-cls"]}, "vit": {"store": stores["vit"]}},
                  queue_size=2, max_message_bytes=65536, progress_interval_s=0.0)
     running = start_daemon(root, hooked=True)
     yield running
@@ -120,6 +122,33 @@ HOSTILE = [
     (_submit(task="embed", model="bert", inputs="x", deadline_s=-1), ErrorCode.BAD_REQUEST),
     (_submit(task="embed", model="bert", inputs="x", priority=True), ErrorCode.BAD_REQUEST),
     (_submit(task="forward", model="bert", inputs=[[1, -2]]), ErrorCode.INVALID_PARAMS),
+    # strict types: true is not 1, 1.0 is not 1, keys are strings, op is a string
+    (msgpack.packb({"v": True, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": 1.0, "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": "1", "op": "ping"}), ErrorCode.UNSUPPORTED_VERSION),
+    (msgpack.packb({"v": 1, "op": ["ping"]}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": {"a": 1}}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": None}), ErrorCode.UNKNOWN_OP),
+    (msgpack.packb({"v": 1, "op": "ping", "rid": "r" * 10_000}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "rid": True}), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({b"v": 1, b"op": b"ping"}, use_bin_type=True), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "x": {b"k": 1}}, use_bin_type=True), ErrorCode.BAD_REQUEST),
+    (msgpack.packb({"v": 1, "op": "ping", "x": {1: 1}}), ErrorCode.BAD_REQUEST),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"max_new_tokens": 2.0}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"temperature": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"top_k": False}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"seed": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": "abc"}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": {"a": "b"}}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"stop": ["a", 1]}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", params={"chat": 1}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="generate", model="llama", inputs="x", priority=1.0), ErrorCode.BAD_REQUEST),
+    (_submit(task="generate", model="llama", inputs="x", progress=1), ErrorCode.BAD_REQUEST),
+    (_submit(task="embed", model="bert", inputs="x", deadline_s=True), ErrorCode.BAD_REQUEST),
+    (_submit(task="classify", model="cls", inputs="x", params={"top_k": True}), ErrorCode.INVALID_PARAMS),
+    (_submit(task="forward", model="bert", inputs=[[1, True]]), ErrorCode.INVALID_PARAMS),
+    (_submit(task="forward", model="bert", inputs=[[1, 2.0]]), ErrorCode.INVALID_PARAMS),
 ]
 
 
@@ -131,6 +160,7 @@ def test_hostile_input_gets_error_replies_and_the_daemon_keeps_serving(daemon, c
         assert reply["code"] == code.value, (payload, reply)
         assert reply["message"]
     assert replies[-1]["rid"] == 7  # the request id is echoed even on errors
+    assert "request failed" not in daemon.log() and "Traceback" not in daemon.log()
     # Oversize: ZeroMQ's MAXMSGSIZE drops the connection before the daemon sees the message.
     assert _raw(daemon.endpoint, msgpack.packb({"v": 1, "op": "ping", "pad": "x" * 200_000}), timeout=2) == [None]
     status = client.status()
@@ -218,3 +248,85 @@ def test_protocol_limits_are_checked_before_decoding_the_whole_message():
     with pytest.raises(protocol.DecodeError):
         protocol.unpack(msgpack.packb({"a": list(range(protocol.MAX_ITEMS + 1))}))
     assert protocol.unpack(protocol.pack({"op": "ping"})) == {"v": protocol.PROTOCOL_VERSION, "op": "ping"}
+    with pytest.raises(protocol.DecodeError, match="keys must be strings"):
+        protocol.unpack(msgpack.packb({"v": 1, "op": "ping", "deep": [{b"k": 1}]}, use_bin_type=True))
+
+
+COSTLY = [  # (submit fields, the limit or rule the error must name)
+    (dict(task="forward", model="llama", inputs=[[1, 5000]]), "vocabulary (0..4999)"),
+    (dict(task="forward", model="llama", inputs=[[2**63]]), "vocabulary"),
+    (dict(task="forward", model="llama", inputs=[[2**64 - 1, 1]]), "vocabulary"),
+    (dict(task="forward", model="llama", inputs=[[1, 2], [3]]), "same length"),
+    (dict(task="forward", model="bert", inputs=[[1] * 33]), "max_prompt_tokens"),
+    (dict(task="forward", model="llama", inputs=[[1] * 300] * 4), "max_forward_output_bytes"),
+    (dict(task="forward", model="llama", inputs=["w1 " * 100]), "max_forward_output_bytes"),
+    (dict(task="generate", model="llama", inputs="x", params={"stop": ["s"] * 17}), "max_stop_strings"),
+    (dict(task="generate", model="llama", inputs="x", params={"stop": ["s" * 65]}), "max_stop_chars"),
+]
+
+
+def test_costs_are_refused_before_queueing_with_the_limit_named(daemon, client):
+    before = client.status()["jobs"]
+    replies = _raw(daemon.endpoint, *(_submit(**fields) for fields, _ in COSTLY))
+    for (fields, named), reply in zip(COSTLY, replies):
+        assert reply["type"] == "error" and reply["code"] == "invalid_params", (fields, reply)
+        assert named in reply["message"], (fields, reply)
+    assert client.status()["jobs"] == before  # nothing was journaled
+    # just under the limits: accepted and run
+    fine = client.submit("forward", "llama", [[1, 4999]]).result(60)
+    assert fine["outputs"]["logits"]["shape"] == [1, 2, 5000]
+    at_limit = client.submit("generate", "llama", PROMPT, {"max_new_tokens": 2, "stop": ["s" * 64] * 16})
+    try:  # accepted and run; transformers' stop strings fail on this word-level test vocabulary
+        at_limit.result(60)
+    except JobFailed as exc:
+        assert exc.code == "task_failed"
+
+
+def _raw_frames(endpoint: str, frames: list[bytes], timeout: float = 10.0) -> list[bytes] | None:
+    """Send one multipart message from a fresh DEALER; the reply's frames, or None."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        return sock.recv_multipart() if sock.poll(timeout * 1000) else None
+    finally:
+        sock.close()
+
+
+def test_frames_past_the_envelope_and_payload_or_the_byte_limit_are_dropped_with_an_error(daemon, client):
+    ping = msgpack.packb({"v": 1, "op": "ping", "rid": 1})
+    extra = _raw_frames(daemon.endpoint, [b"", ping, b"one frame too many"])
+    assert extra[0] == b"" and len(extra) == 2  # the reply goes back to the envelope, nothing echoed
+    error = msgpack.unpackb(extra[-1])
+    assert error["code"] == "too_large" and "max_message_frames" in error["message"] and "4 frames" in error["message"]
+    # 60 frames of 60 KB: each is under MAXMSGSIZE (64 KiB here), the message is not
+    flood = _raw_frames(daemon.endpoint, [b""] + [b"x" * 60_000] * 59 + [ping])
+    assert len(flood) == 2 and msgpack.unpackb(flood[-1])["code"] == "too_large"
+    # two frames under the frame count but over the byte limit together
+    big = _raw_frames(daemon.endpoint, [b"y" * 40_000, msgpack.packb({"v": 1, "op": "ping", "p": "z" * 40_000})])
+    error = msgpack.unpackb(big[-1])
+    assert error["code"] == "too_large" and "max_message_bytes" in error["message"]
+    assert _raw_frames(daemon.endpoint, [b"", ping]) is not None  # a well-formed request still works
+    assert client.ping()["type"] == "pong"
+
+
+def test_classify_refuses_fifos_devices_links_and_non_images_alike_without_blocking(client, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), "red").save(good)
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)  # opened for reading with blocking I/O, this holds the executor until a writer comes
+    link = tmp_path / "link.png"
+    link.symlink_to(good)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    messages = set()
+    for path in (fifo, "/dev/zero", link, tmp_path / "missing.png", text, tmp_path, "/etc/passwd"):
+        with pytest.raises(JobFailed) as info:  # a TimeoutError if the executor blocked on it
+            client.classify("vit", [str(good), str(path)], timeout=15)
+        assert info.value.code == "invalid_params", (path, info.value.message)
+        messages.add(info.value.message)
+    assert len(messages) == 1 and next(iter(messages)).startswith("image 1: not allowed or not readable")
+    assert client.classify("vit", [str(good)], top_k=1)["labels"][0][0]["label"] in {"cat", "dog", "bird"}

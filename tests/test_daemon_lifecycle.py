@@ -111,6 +111,51 @@ def test_sigkill_loses_no_accepted_job_and_runs_each_to_the_end_once(daemon_stor
     assert states == [("done", 4)]
 
 
+def test_a_cancel_acknowledged_just_before_a_crash_is_not_forgotten(daemon_stores, tmp_path):
+    write_config(tmp_path, _models(daemon_stores))
+    daemon = start_daemon(tmp_path, hooked=True)
+    client = daemon.client()
+    job = client.submit("embed", "bert", hang_input(4))  # running, no stage reached yet
+    wait_for_state(client, job.id, "running")
+    assert client.cancel(job.id) is True
+    daemon.proc.kill()  # SIGKILL right after the acknowledgement
+    daemon.stop()
+    again = start_daemon(tmp_path, hooked=True)
+    record = again.client().job(job.id)
+    assert record["state"] == "cancelled" and record["cancel_requested"] is not None, record
+    time.sleep(5)  # longer than the job would have taken had it been run again
+    assert again.client().job(job.id)["state"] == "cancelled"
+    assert "it stays cancelled" in again.log()
+    assert again.stop() == 0
+
+
+def test_state_and_journal_are_private_whatever_the_umask(daemon_stores, tmp_path):
+    from hermesd.daemon.journal import Journal
+
+    write_config(tmp_path, _models(daemon_stores))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    Journal(state / "journal.sqlite3").close()  # a journal left world-readable by an older hermesd
+    os.chmod(state / "journal.sqlite3", 0o644)
+    daemon = start_daemon(tmp_path, preexec=lambda: os.umask(0))  # the most permissive umask there is
+    client = daemon.client()
+    client.embed("bert", "w1")  # the journal has been written to (its -wal file exists)
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert mode(state) == 0o700
+    journal_files = [p for p in state.iterdir() if p.name.startswith("journal.sqlite3")]
+    assert len(journal_files) >= 2 and {p.name: mode(p) for p in journal_files} == \
+        {p.name: 0o600 for p in journal_files}
+    assert mode(state / "hermesd.lock") == 0o600
+    socket_path = tmp_path / "run" / "hermesd.sock"
+    assert mode(socket_path) == 0o660
+    assert mode(socket_path.parent) == 0o710  # group members may reach the socket, no one may list
+    assert daemon.stop() == 0
+
+
 def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
     write_config(tmp_path, _models(daemon_stores), queue_size=4)
     daemon = start_daemon(tmp_path, hooked=True)

@@ -57,6 +57,40 @@ def test_a_journal_from_a_newer_hermesd_is_refused(tmp_path):
         Journal(tmp_path / "j.sqlite3")
 
 
+SCHEMA_1 = """
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, client_job_id TEXT UNIQUE,
+    model TEXT NOT NULL, task TEXT NOT NULL, request BLOB NOT NULL, priority INTEGER NOT NULL, deadline REAL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, submitted REAL NOT NULL, started REAL,
+    finished REAL, result BLOB, error_code TEXT, error_message TEXT);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+"""
+
+
+def test_a_schema_1_journal_is_migrated_and_cancels_are_journaled(tmp_path):
+    import msgpack
+
+    path = tmp_path / "j.sqlite3"
+    with sqlite3.connect(path) as db:  # as hermesd before cancels were journaled wrote it
+        db.executescript(SCHEMA_1)
+        db.execute("INSERT INTO jobs (id, model, task, request, priority, state, attempts, submitted)"
+                   " VALUES ('old', 'm', 'embed', ?, 0, 'running', 1, 1.0)",
+                   (msgpack.packb({"inputs": "x", "params": {}, "progress": False}),))
+    journal = Journal(path)
+    old = journal.get("old")
+    assert old.state == "running" and old.cancel_requested is None and old.inputs == "x"
+    journal.request_cancel("old")
+    journal.close()
+    journal = Journal(path)
+    assert journal.unfinished()[0].cancel_requested is not None
+    assert journal.get("old").public()["cancel_requested"] is not None
+    journal.finish("old", JobState.CANCELLED)
+    journal.request_cancel("old")  # an ended job is not marked
+    journal.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+
+
 def test_queue_orders_by_priority_then_submission_and_is_bounded():
     queue = JobQueue(capacity=3)
     jobs = [QueuedJob(_record(name, priority=priority, seq=seq))

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
-from hermes_client.client import Client, default_endpoint
+from hermes_client.client import Client, default_endpoint, ipc_path
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, TryLater
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 0, 1, 2, 3, 69, 75
@@ -25,6 +26,14 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNAVAILABLE, EXIT_TEMPFAIL
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        path = ipc_path(args.endpoint)
+    except ValueError as exc:
+        print(f"hermes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if path is not None and not os.path.exists(path):
+        # Nothing listens there: say so now instead of retrying into silence.
+        return _fail(args, EXIT_UNAVAILABLE, "unreachable", f"no daemon socket at {path} (is hermesd running?)")
     try:
         with Client(args.endpoint, timeout=args.timeout, retries=args.retries) as client:
             return args.handler(client, args)

@@ -27,6 +27,8 @@ from hermes_client.protocol import FINAL, Op, Reply
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
 ENDPOINT_ENV = "HERMES_ENDPOINT"
 STATUS_POLL_S = 2.0
+MAX_CACHED_JOBS = 256    # jobs whose pushed messages a client keeps until asked for
+MAX_CACHED_EVENTS = 64   # messages kept per job (the newest: progress is cumulative, the final comes last)
 # Replies carry results (long vectors): decoded with wider limits than the daemon applies to requests.
 REPLY_MAX_BYTES, REPLY_MAX_ITEMS, REPLY_MAX_NESTING = 1 << 30, 1 << 27, 64  # a job quiet for this long is looked up by id (its push may have gone to an old socket)
 
@@ -34,6 +36,23 @@ REPLY_MAX_BYTES, REPLY_MAX_ITEMS, REPLY_MAX_NESTING = 1 << 30, 1 << 27, 64  # a 
 def default_endpoint() -> str:
     """``$HERMES_ENDPOINT``, else the daemon's default ipc socket under /run/hermesd."""
     return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` endpoint (None for TCP or Linux's abstract ``ipc://@name``).
+
+    Raises ValueError, in one line, for an endpoint ZeroMQ could not connect to: a scheme other than
+    ipc:// or tcp://, an empty path, or a TCP address without a host or a port in 1..65535.
+    """
+    scheme, sep, address = endpoint.partition("://")
+    if not sep or scheme not in ("ipc", "tcp") or not address:
+        raise ValueError(f"endpoint {endpoint!r}: expected ipc://PATH or tcp://HOST:PORT")
+    if scheme == "ipc":
+        return None if address.startswith("@") else address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT with a port in 1..65535")
+    return None
 
 
 class Client:
@@ -46,12 +65,13 @@ class Client:
     def __init__(self, endpoint: str | None = None, timeout: float = 10.0, retries: int = 3,
                  context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
+        ipc_path(self.endpoint)  # a malformed endpoint is a ValueError here, not a ZMQError at connect
         self.timeout = timeout
         self.retries = retries
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
         self._rids = itertools.count(1)
-        self._events: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(collections.deque)
+        self._events = _EventCache()
         self._connect()
 
     # -- connection ---------------------------------------------------------------------------
@@ -126,7 +146,7 @@ class Client:
     def _keep_event(self, message: dict[str, Any]) -> None:
         job_id = message.get("job_id")
         if isinstance(job_id, str) and message.get("type") in (Reply.PROGRESS.value, *FINAL):
-            self._events[job_id].append(message)
+            self._events.add(job_id, message)
 
     # -- API ----------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -181,8 +201,8 @@ class Client:
         """The next progress or final message of a job within ``timeout``, looking it up when quiet."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._events[job_id]:
-                return self._events[job_id].popleft()
+            if (event := self._events.pop(job_id)) is not None:
+                return event
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -193,6 +213,42 @@ class Client:
             record = self.job(job_id)
             if record["state"] in protocol.ENDED:
                 return _final_from_record(record)
+
+
+class _EventCache:
+    """Pushed job messages waiting for their Job handle, bounded in jobs and in messages per job.
+
+    Pushes for jobs nobody waits on (a job submitted and forgotten, another process's resubmit) would
+    otherwise pile up for the life of the client. What is dropped is never lost for good: a quiet job
+    is looked up by id (``Client._next_event``). Dropping progress keeps the newest, and so the final.
+    """
+
+    def __init__(self, max_jobs: int = MAX_CACHED_JOBS, max_per_job: int = MAX_CACHED_EVENTS) -> None:
+        self.max_jobs = max_jobs
+        self.max_per_job = max_per_job
+        self._jobs: collections.OrderedDict[str, collections.deque[dict[str, Any]]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(events) for events in self._jobs.values())
+
+    def add(self, job_id: str, message: dict[str, Any]) -> None:
+        events = self._jobs.get(job_id)
+        if events is None:
+            while len(self._jobs) >= self.max_jobs:
+                self._jobs.popitem(last=False)  # the job heard from longest ago
+            events = self._jobs[job_id] = collections.deque(maxlen=self.max_per_job)
+        self._jobs.move_to_end(job_id)
+        events.append(message)
+
+    def pop(self, job_id: str) -> dict[str, Any] | None:
+        """The oldest message kept for ``job_id``, or None."""
+        events = self._jobs.get(job_id)
+        if not events:
+            return None
+        event = events.popleft()
+        if not events:
+            del self._jobs[job_id]
+        return event
 
 
 class Job:
@@ -253,4 +309,4 @@ def _final_from_record(record: dict[str, Any]) -> dict[str, Any]:
                                 error.get("message"))
 
 
-__all__ = ["Client", "Job", "ServerError", "default_endpoint"]
+__all__ = ["Client", "Job", "ServerError", "default_endpoint", "ipc_path"]

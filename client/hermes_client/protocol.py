@@ -100,6 +100,9 @@ PRIORITY_RANGE = (0, 9)                   # higher runs first
 MAX_CLIENT_JOB_ID = 128                   # characters
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 MAX_NEW_TOKENS = 4096                     # the most tokens one generate job may ask for (any model)
+MAX_FORWARD_VALUES = 1 << 20             # values one forward output may carry (fp32: 4 MiB) at run time
+MAX_RID_CHARS = 128                       # a longer string rid is refused (replies echo it)
+RID_RANGE = (-(1 << 63), (1 << 63) - 1)   # an int rid must fit in 64 bits
 TASK_NAMES = tuple(task.value for task in Task)
 
 
@@ -140,11 +143,30 @@ def unpack(frame: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: 
 
 
 def _depth(value: Any, level: int = 1, limit: int = MAX_NESTING) -> int:
-    """Nesting depth of lists and maps, stopping early once past ``limit``."""
+    """Nesting depth of lists and maps, stopping early once past ``limit``.
+
+    Map keys must be strings at every level: msgpack's ``strict_map_key`` still lets binary keys
+    through, and a handler must never compare a bytes key with a field name.
+    """
     if level > limit or not isinstance(value, (list, dict)):
         return level
-    children = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        if not all(type(key) is str for key in value):
+            raise DecodeError(ErrorCode.BAD_REQUEST, "map keys must be strings")
+        children = value.values()
+    else:
+        children = value
     return max((_depth(child, level + 1, limit) for child in children), default=level)
+
+
+def is_int(value: Any) -> bool:
+    """An integer and not a bool (msgpack's true is not 1 in this protocol)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def error(code: ErrorCode, message: str, **fields: Any) -> dict[str, Any]:

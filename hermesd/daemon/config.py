@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from hermes_client.protocol import MAX_NEW_TOKENS, TASK_NAMES
+from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     tcp_endpoint: str | None = None
     socket_mode: str = "0660"
     max_message_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 30)
+    max_message_frames: int = Field(default=3, ge=3, le=64)
+    max_stop_strings: int = Field(default=16, ge=0, le=1024)
+    max_stop_chars: int = Field(default=64, ge=1, le=4096)
+    max_forward_output_bytes: int = Field(default=MAX_FORWARD_VALUES * 4, ge=4096, le=MAX_FORWARD_VALUES * 4)
     heartbeat_s: float = Field(default=5.0, ge=0)
     queue_size: int = Field(default=32, ge=1, le=100_000)
     result_retention_s: float = Field(default=86_400.0, ge=0)

@@ -14,10 +14,12 @@ from typing import Any
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Op, Reply
 
+from hermesd.daemon.costs import ModelShape, check_costs
 from hermesd.daemon.jobs import QueuedJob, validate_submit
 from hermesd.daemon.journal import JobRecord
 from hermesd.daemon.status_report import status_reply
-from hermesd.errors import Refused
+from hermesd.errors import Refused, StoreError
+from hermesd.store.manifest import Manifest
 from hermesd.version import __version__
 
 log = logging.getLogger("hermesd.server")
@@ -35,13 +37,8 @@ class RequestHandlers:
         rid = None
         try:
             message = protocol.unpack(payload, self.daemon.settings.max_message_bytes)
-            rid = message.get("rid") if isinstance(message.get("rid"), (int, str)) else None
-            if message.get("v") != protocol.PROTOCOL_VERSION:
-                raise Refused(ErrorCode.UNSUPPORTED_VERSION,
-                              f"protocol version {message.get('v')!r}; this daemon speaks {protocol.PROTOCOL_VERSION}")
-            op = message.get("op")
-            if not isinstance(op, str) or op not in OPS:
-                raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}; ops are {sorted(OPS)}")
+            rid = _checked_rid(message)
+            op = _checked_op(message)
             reply = getattr(self, f"handle_{op}")(message, envelope)
         except protocol.DecodeError as exc:
             reply = protocol.error(exc.code, str(exc))
@@ -76,15 +73,19 @@ class RequestHandlers:
         current = daemon.executor.current  # taken by the executor, its "started" event not yet handled
         running = daemon.running.get(record.id) or (current if current is not None and current.id == record.id
                                                     else None)
-        if running is not None:
-            running.cancel.set()
-        return {"type": Reply.JOB.value, "job": record.public(), "cancelled": running is not None}
+        if running is None:
+            return {"type": Reply.JOB.value, "job": record.public(), "cancelled": False}
+        daemon.journal.request_cancel(record.id)  # durable before "cancelled": a crash must not forget it
+        running.cancel.set()
+        return {"type": Reply.JOB.value, "job": daemon.journal.get(record.id).public(), "cancelled": True}
 
     def handle_submit(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any] | None:
         daemon = self.daemon
         if not daemon.accepting:
             raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; submit again after it restarts")
         record = validate_submit(message, daemon.settings.models)
+        check_costs(record.task, record.inputs, record.params, daemon.settings.models[record.model],
+                    self._shape(record.model), daemon.settings)
         if record.client_job_id and (known := daemon.journal.by_client_id(record.client_job_id)):
             return self._duplicate(known, envelope, message.get("rid"))
         daemon.watchdogs.admit()  # raises Refused(overheated | memory_pressure)
@@ -107,6 +108,17 @@ class RequestHandlers:
             daemon.send(envelope, final_message(known))
         return None
 
+    def _shape(self, name: str) -> ModelShape:
+        """The sizes of a configured model: from its open engine, else (reload under way) its store."""
+        settings = self.daemon.settings.models[name]
+        host = self.daemon.hosts.get(name)
+        if host is not None and host.settings == settings:
+            return ModelShape.of(host.engine.manifest)
+        try:
+            return ModelShape.of(Manifest.load(settings.store))
+        except StoreError as exc:
+            raise Refused(ErrorCode.UNKNOWN_MODEL, f"model {name!r} cannot be read: {exc}") from None
+
     def _record(self, message: dict[str, Any]) -> JobRecord:
         job_id = message.get("job_id")
         if not isinstance(job_id, str):
@@ -115,6 +127,34 @@ class RequestHandlers:
         if record is None:
             raise Refused(ErrorCode.NOT_FOUND, f"no job {job_id!r} (unknown, or its result has expired)")
         return record
+
+
+def _checked_rid(message: dict[str, Any]) -> int | str | None:
+    """The request id to echo: an int (not a bool) in 64 bits or a short string; else Refused."""
+    rid = message.get("rid")
+    if rid is None:
+        return None
+    if protocol.is_int(rid) and protocol.RID_RANGE[0] <= rid <= protocol.RID_RANGE[1]:
+        return rid
+    if isinstance(rid, str) and len(rid) <= protocol.MAX_RID_CHARS:
+        return rid
+    # Echoing a huge rid would let one small request cost a large reply (and its queue slot).
+    raise Refused(ErrorCode.BAD_REQUEST, f"field 'rid' must be a 64-bit int or a string of at most "
+                                         f"{protocol.MAX_RID_CHARS} characters")
+
+
+def _checked_op(message: dict[str, Any]) -> str:
+    """The request's verb, after the version: exactly the int 1 (not true, not 1.0)."""
+    version = message.get("v")
+    if not (protocol.is_int(version) and version == protocol.PROTOCOL_VERSION):
+        shown = repr(version) if isinstance(version, (int, float, bool)) or version is None else type(version).__name__
+        raise Refused(ErrorCode.UNSUPPORTED_VERSION,
+                      f"protocol version {shown}; this daemon speaks the int {protocol.PROTOCOL_VERSION}")
+    op = message.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        shown = repr(op[:64]) if isinstance(op, str) else f"of type {type(op).__name__}"
+        raise Refused(ErrorCode.UNKNOWN_OP, f"unknown op {shown}; ops are {sorted(OPS)}")
+    return op
 
 
 def final_message(record: JobRecord) -> dict[str, Any]:

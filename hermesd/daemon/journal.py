@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 from hermes_client.protocol import ENDED, JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cancel_requested
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished      REAL,
     result        BLOB,               -- msgpack, for state 'done'
     error_code    TEXT,
-    error_message TEXT
+    error_message TEXT,
+    cancel_requested REAL             -- unix time a cancel of the running job was acknowledged, or NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,6 +64,7 @@ class JobRecord:
     result: Any = None
     error_code: str | None = None
     error_message: str | None = None
+    cancel_requested: float | None = None
     seq: int = 0
 
     @property
@@ -74,7 +76,8 @@ class JobRecord:
         record = {"id": self.id, "client_job_id": self.client_job_id, "model": self.model, "task": self.task,
                   "state": self.state, "priority": self.priority, "attempts": self.attempts,
                   "submitted": self.submitted, "started": self.started, "finished": self.finished,
-                  "deadline": self.deadline, "result": self.result, "error": None}
+                  "deadline": self.deadline, "result": self.result, "error": None,
+                  "cancel_requested": self.cancel_requested}
         if self.error_code:
             record["error"] = {"code": self.error_code, "message": self.error_message or ""}
         return record
@@ -94,14 +97,25 @@ class Journal:
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"{self.path} has journal schema {row[0]}; this hermesd knows "
                                         f"{SCHEMA_VERSION} (a newer hermesd wrote it)")
+        self._migrate()
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an older hermesd up to this schema (columns added, none dropped)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "cancel_requested" not in columns:  # schema 1
+            self._db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested REAL")
 
     def close(self) -> None:
         self._db.close()
+
+    def files(self) -> list[Path]:
+        """The journal's files on disk: the database and, in WAL mode, its -wal and -shm files."""
+        candidates = [self.path, *(self.path.with_name(self.path.name + suffix) for suffix in ("-wal", "-shm"))]
+        return [path for path in candidates if path.exists()]
 
     # -- writes ---------------------------------------------------------------------------------
     def add(self, job: JobRecord) -> JobRecord:
@@ -118,6 +132,11 @@ class Journal:
     def mark_running(self, job_id: str) -> None:
         self._db.execute("UPDATE jobs SET state=?, started=?, attempts=attempts+1 WHERE id=?",
                          (JobState.RUNNING.value, time.time(), job_id))
+
+    def request_cancel(self, job_id: str) -> None:
+        """Record that a cancel of an unfinished job was acknowledged; a restart ends it cancelled."""
+        self._db.execute("UPDATE jobs SET cancel_requested=? WHERE id=? AND state IN (?, ?)",
+                         (time.time(), job_id, JobState.QUEUED.value, JobState.RUNNING.value))
 
     def requeue(self, job_id: str) -> None:
         """Put a job that was interrupted by shutdown back in the queue (it runs again next start)."""

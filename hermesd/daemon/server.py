@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import enum
 import errno
-import fcntl
 import logging
-import os
 import signal
 import sqlite3
 import time
@@ -32,7 +30,8 @@ from hermesd.daemon.hosting import ModelHost, open_model
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
-from hermesd.daemon.sockets import WakePair, open_router
+from hermesd.daemon.sockets import WakePair, open_router, receive
+from hermesd.daemon.statedir import AlreadyRunning, make_private, open_state_dir
 from hermesd.daemon.status_report import DaemonView, status_line
 from hermesd.daemon.watchdogs import Watchdogs
 from hermesd.errors import HermesError
@@ -52,10 +51,6 @@ class State(str, enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
-
-
-class AlreadyRunning(Exception):
-    """Another hermesd holds the state directory's lock."""
 
 
 class Daemon:
@@ -116,9 +111,10 @@ class Daemon:
 
     def startup(self) -> None:
         state_dir = self.settings.resolved_state_dir()
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(state_dir / "hermesd.lock")
+        self._lock_fd = open_state_dir(state_dir)  # umask 077, the directory 0700, the lock
         self.journal = Journal(state_dir / "journal.sqlite3")
+        for path in self.journal.files():  # a journal made before this rule, or under another umask
+            make_private(path, 0o600)
         self.journal.purge(self.settings.result_retention_s)
         for name, model in self.settings.models.items():
             self.notifier.extend_timeout(STARTUP_EXTEND_S, f"loading model {name}")
@@ -136,6 +132,10 @@ class Daemon:
     def _restore_jobs(self) -> None:
         """Queue again what was queued or running when the daemon last stopped (crash or restart)."""
         for record in self.journal.unfinished():
+            if record.cancel_requested is not None:
+                self.journal.finish(record.id, JobState.CANCELLED)
+                log.info("job %s was cancelled before the daemon stopped; it stays cancelled", record.id)
+                continue
             if record.state == JobState.RUNNING.value and record.attempts >= self.settings.max_attempts:
                 message = f"the daemon stopped during this job {record.attempts} times; not trying again"
                 self.journal.finish(record.id, JobState.FAILED, error=(ErrorCode.TASK_FAILED.value, message))
@@ -269,11 +269,14 @@ class Daemon:
     def _receive_batch(self) -> None:
         for _ in range(BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                incoming = receive(self.router, self.settings.max_message_frames, self.settings.max_message_bytes)
             except zmq.Again:
                 return
-            if len(frames) >= 2:
-                self.handlers.dispatch(frames[:-1], frames[-1])
+            if incoming.problem is not None:
+                log.debug("message dropped: %s", incoming.problem)  # debug: a flood must not flood the log
+                self.send(incoming.envelope, {**protocol.error(ErrorCode.TOO_LARGE, incoming.problem), "rid": None})
+            elif incoming.payload is not None:
+                self.handlers.dispatch(incoming.envelope, incoming.payload)
 
     def send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
         """Send to one client; False if it is gone (its job's result stays fetchable by id)."""
@@ -351,17 +354,6 @@ class Daemon:
 
     def _status_line(self) -> str:
         return status_line(self.view()) if self.journal is not None else self.state.value
-
-
-def _lock(path: Path) -> int:
-    """Hold an exclusive lock on ``path`` for the life of the process (one daemon per state dir)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AlreadyRunning(f"another hermesd is running with state directory {path.parent}") from None
-    return fd
 
 
 def serve(config_path: Path | None = None, executor_hook: JobHook | None = None) -> int:

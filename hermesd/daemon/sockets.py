@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -37,13 +38,58 @@ def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, l
 def _bind(router: zmq.Socket, endpoint: str, mode: int) -> None:
     path = Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
     try:
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and not path.parent.exists():
+            path.parent.mkdir(parents=True)
+            # Under the daemon's umask 077 the directory would shut out the clients socket_mode lets in:
+            # give them search permission, nothing more (the socket's mode decides who connects).
+            os.chmod(path.parent, 0o700 | (0o010 if mode & 0o060 else 0) | (0o001 if mode & 0o006 else 0))
         router.bind(endpoint)
         if path is not None:
             os.chmod(path, mode)
     except (zmq.ZMQError, OSError) as exc:
         raise ConfigError(f"endpoint {endpoint}: cannot bind: {exc}") from None
+
+
+@dataclass
+class Incoming:
+    """One message from the ROUTER: its envelope, and its payload or why it was dropped."""
+
+    envelope: list[bytes]
+    payload: bytes | None
+    problem: str | None = None
+
+
+def receive(router: zmq.Socket, max_frames: int, max_bytes: int) -> Incoming:
+    """Read one whole message frame by frame (zmq.Again when none is waiting).
+
+    ZeroMQ's MAXMSGSIZE bounds each frame, not the message: a client could send thousands of frames of
+    max_message_bytes each. Frames past ``max_frames`` or ``max_bytes`` in all are read and dropped
+    one at a time, never kept or echoed back in a reply's envelope.
+    """
+    kept: list[bytes] = []
+    frames = total = 0
+    more = True
+    while more:
+        frame = router.recv(zmq.NOBLOCK, copy=False)  # the parts of a message arrive together
+        more = frame.more
+        frames += 1
+        total += len(frame)
+        if frames <= max_frames and total <= max_bytes:
+            kept.append(frame.bytes)
+    if frames > max_frames:
+        return Incoming(_reply_envelope(kept), None, f"message of {frames} frames; the limit is {max_frames} "
+                                                      f"(max_message_frames: envelope and one payload frame)")
+    if total > max_bytes:
+        return Incoming(_reply_envelope(kept), None, f"message of {total} bytes over its frames; the limit is "
+                                                      f"{max_bytes} (max_message_bytes)")
+    return Incoming(kept[:-1], kept[-1] if len(kept) >= 2 else None)
+
+
+def _reply_envelope(kept: list[bytes]) -> list[bytes]:
+    """The routing frames of a refused message: up to its empty delimiter, else the client's identity."""
+    if b"" in kept[1:]:
+        return kept[: kept.index(b"", 1) + 1]
+    return kept[:1]
 
 
 class WakePair:
