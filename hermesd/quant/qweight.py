@@ -149,13 +149,27 @@ def expected_shapes(meta: QuantMeta) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def expected_dtypes(meta: QuantMeta) -> dict[str, torch.dtype]:
+    """Dtype of each stored tensor for ``meta``."""
+    n, k = meta.shape
+    qweight = torch.uint8 if meta.bits == 4 or meta.affine else torch.int8
+    if meta.super_block:
+        scales = torch.uint8 if meta.affine else torch.int8
+    else:
+        scales = torch.float32 if meta.format == "int8" and meta.group_size == k else torch.float16
+    zeros = torch.uint8 if meta.super_block else torch.float16
+    return {"qweight": qweight, "scales": scales, "zeros": zeros, "super_scales": torch.float16}
+
+
 def check_tensors(qw: QuantizedWeight) -> None:
-    """Raise :class:`ConvertError` when the tensors do not have the shapes ``qw.meta`` implies."""
+    """Raise :class:`ConvertError` when the tensors lack the shapes/dtypes ``qw.meta`` implies."""
+    dtypes = expected_dtypes(qw.meta)
     for suffix, shape in expected_shapes(qw.meta).items():
         t = getattr(qw, suffix)
-        if t is None or tuple(t.shape) != shape:
-            got = None if t is None else tuple(t.shape)
-            raise ConvertError(f"{qw.meta.format} weight {qw.meta.shape}: .{suffix} has shape {got}, expected {shape}")
+        if t is None or tuple(t.shape) != shape or t.dtype != dtypes[suffix]:
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            raise ConvertError(f"{qw.meta.format} weight {qw.meta.shape}: .{suffix} is {got}, "
+                               f"expected {(shape, dtypes[suffix])}")
 
 
 def _codes_tensor(dec: DecodedBlocks) -> torch.Tensor:
