@@ -14,6 +14,14 @@ from hermesd.quant.kernels import DENSE, Prepared, kernel_path, prepare, run_den
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
 
 
+def _version(t: torch.Tensor) -> int:
+    """A tensor's in-place modification counter; -1 for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` kept quantized (see :mod:`hermesd.quant.qweight`).
 
@@ -76,7 +84,7 @@ class QuantLinear(nn.Module):
         if self._bound is None:
             return False
         ref, version = self._bound
-        return ref() is self.qweight and self.qweight._version == version
+        return ref() is self.qweight and _version(self.qweight) == version
 
     def prepare(self, inplace: bool = False) -> str:
         """Build the kernel-ready tensors now (e.g. on a loader thread); returns the small-M path.
@@ -93,7 +101,7 @@ class QuantLinear(nn.Module):
             self._bound = None
             return path
         self._prepared = prepare(qw, path, self.policy.kernel_dtype, inplace)
-        self._bound = (weakref.ref(self.qweight), self.qweight._version)
+        self._bound = (weakref.ref(self.qweight), _version(self.qweight))
         return path
 
     def release(self) -> None:
