@@ -18,7 +18,10 @@ import numpy as np
 import transformers
 from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING
 from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config
-from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, GGUF_TO_TRANSFORMERS_MAPPING
+from transformers.modeling_gguf_pytorch_utils import (
+    GGUF_SUPPORTED_ARCHITECTURES,
+    GGUF_TO_TRANSFORMERS_MAPPING,
+)
 
 from hermesd.errors import ConvertError, UnsupportedModelError
 from hermesd.quant.gguf_header import GGUFHeader, StringArray
@@ -26,9 +29,8 @@ from hermesd.quant.gguf_header import GGUFHeader, StringArray
 _TIED_ANYWAY = ("falcon", "bloom")  # transformers ties these even when the file has output.weight
 
 
-def build_config(header: GGUFHeader) -> transformers.PretrainedConfig:
-    """The config transformers would build for this file; ``UnsupportedModelError`` if it would refuse."""
-    values = config_dict(header)
+def build_config(header: GGUFHeader, values: dict[str, Any]) -> transformers.PretrainedConfig:
+    """The config object for ``values = config_dict(header)``; ``UnsupportedModelError`` for an unknown type."""
     model_type = values.get("model_type")
     if model_type not in transformers.CONFIG_MAPPING:
         raise UnsupportedModelError(f"{header.path}: model type {model_type!r} is unknown to transformers "
@@ -89,8 +91,8 @@ def _legacy_config(header: GGUFHeader, names: tuple[str, ...]) -> dict[str, Any]
     table = GGUF_TO_TRANSFORMERS_MAPPING["config"]
     for gguf_key, value in header.metadata.items():
         prefix, _, rest = gguf_key.replace(architecture, updated).partition(".")
-        target = table.get(prefix, {}).get(rest, -1) if prefix in table else -1
-        if target is None or target == -1:
+        target = table.get(prefix, {}).get(rest, -1)
+        if target is None or target == -1:  # None: read but unused; -1: not a config key
             continue
         value = _legacy_value(header, gguf_key, value)
         if isinstance(value, str) and architecture in value:

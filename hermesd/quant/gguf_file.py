@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
-from math import prod
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import numpy as np
 import torch
@@ -31,10 +30,15 @@ from torch import nn
 
 from hermesd.errors import ConvertError, UnsupportedModelError
 from hermesd.quant.gguf_config import build_config, config_dict
-from hermesd.quant.gguf_header import SUPPORTED_TYPES, GGUFHeader, read_header, row_bytes
+from hermesd.quant.gguf_header import (
+    SUPPORTED_TYPES,
+    GGUFHeader,
+    read_header,
+    row_bytes,
+)
 from hermesd.quant.gguf_plan import Plan, TensorPlan, plan_tensors
 
-__all__ = ["GGUFModelFile", "GGUFTensor", "SUPPORTED_TYPES", "TensorPlan", "open_gguf"]
+__all__ = ["SUPPORTED_TYPES", "GGUFModelFile", "GGUFTensor", "TensorPlan", "open_gguf"]
 
 _PAGE = mmap.PAGESIZE
 
@@ -65,13 +69,14 @@ class GGUFModelFile:
         self.path = Path(path)
         self._header: GGUFHeader = read_header(self.path)
         self.metadata = self._header.metadata
-        self.config: transformers.PretrainedConfig = build_config(self._header)
+        values = config_dict(self._header)
+        self.config: transformers.PretrainedConfig = build_config(self._header, values)
         model = _meta_model(self.config, self.path)
         self.architecture: str = type(model).__name__
         #: tied parameter -> the parameter it shares storage with (e.g. lm_head -> embed_tokens);
         #: tied parameters get no record: the store should alias them, as transformers ties them.
         self.tied: dict[str, str] = dict(getattr(model, "all_tied_weights_keys", None) or {})
-        self._plan: Plan = plan_tensors(self._header, config_dict(self._header), model, self.tied)
+        self._plan: Plan = plan_tensors(self._header, values, model, self.tied)
         wanted = [name for name in model.state_dict() if name not in self.tied]
         planned = {p.hf_name for p in self._plan.tensors}
         #: model parameters the file does not provide (transformers would leave them initialised)
@@ -135,7 +140,7 @@ class GGUFModelFile:
         except BufferError:
             pass
 
-    def __enter__(self) -> GGUFModelFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -152,8 +157,8 @@ class GGUFModelFile:
             names = "+".join(info.name for info in plan.sources)
             raise ConvertError(f"{self.path}: tensor {names} ({plan.sources[0].ggml_type}) -> {plan.hf_name}: "
                                f"{plan.description} failed: {exc}") from exc
-        rows = prod(plan.shape[:-1]) if len(plan.shape) > 1 else 1
-        expected = (rows, row_bytes(ggml_type, plan.shape[-1]))
+        width = row_bytes(plan.ggml_type, plan.shape[-1])
+        expected = (plan.nbytes // width, width)
         if ggml_type != plan.ggml_type or raw.shape != expected:
             raise ConvertError(f"{self.path}: {plan.hf_name}: transform gave {ggml_type} {raw.shape}, "
                                f"planned {plan.ggml_type} {expected}")
@@ -178,8 +183,9 @@ def _model_class(config: transformers.PretrainedConfig, path: Path) -> type[nn.M
     from transformers.models.auto import modeling_auto
 
     names = list(getattr(config, "architectures", None) or [])
-    for table in (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-                  modeling_auto.MODEL_MAPPING_NAMES):
+    tables = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+              modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, modeling_auto.MODEL_MAPPING_NAMES)
+    for table in tables:
         if config.model_type in table:
             names.append(table[config.model_type])
     for name in names:

