@@ -1,0 +1,1 @@
+"""Quantized weights: GGML block formats, the stored representation and CPU compute kernels."""
