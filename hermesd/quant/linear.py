@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
@@ -9,7 +10,6 @@ from torch import nn
 
 from hermesd.errors import ConvertError
 from hermesd.quant.cpu import KernelPolicy, default_policy
-from hermesd.quant.int4pack import from_kernel_layout
 from hermesd.quant.kernels import DENSE, Prepared, kernel_path, prepare, run_dense, run_kernel
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
 
@@ -69,11 +69,12 @@ class QuantLinear(nn.Module):
         return mod
 
     def quantized(self) -> QuantizedWeight:
-        """The bound tensors as a :class:`QuantizedWeight` (row-major codes, whatever ``prepare`` did)."""
-        qweight = self.qweight
-        if self._prepared is not None and self._prepared.inplace and self._is_current():
-            qweight = from_kernel_layout(qweight)
-        return QuantizedWeight(self.qmeta, qweight, self.scales, self.zeros, self.super_scales)
+        """The bound tensors as a :class:`QuantizedWeight`, its packing that of the bytes right now."""
+        packing = self.qmeta.packing
+        if self._prepared is not None and self._is_current():
+            packing = self._prepared.bound_packing  # changed by prepare(inplace=True)
+        meta = dataclasses.replace(self.qmeta, packing=packing)
+        return QuantizedWeight(meta, self.qweight, self.scales, self.zeros, self.super_scales)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` (the reference the kernels are tested against)."""
@@ -89,8 +90,9 @@ class QuantLinear(nn.Module):
     def prepare(self, inplace: bool = False) -> str:
         """Build the kernel-ready tensors now (e.g. on a loader thread); returns the small-M path.
 
-        ``inplace=True`` converts 4-bit codes inside the bound ``qweight`` (no extra memory; the
-        buffer must be writable and private to this module until it is re-bound).
+        4-bit codes stored in this CPU's kernel layout are used as bound (zero-copy). Others are
+        re-packed: into a new tensor, or with ``inplace=True`` inside the bound ``qweight`` (no
+        extra memory; the buffer must be writable and private to this module until re-bound).
         """
         if self._is_current() and self._prepared is not None:
             return self._prepared.path
@@ -116,9 +118,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         path = DENSE if x2.shape[0] > self.policy.kernel_max_m else self.prepare()
         if path == DENSE:
-            inplace = self._prepared is not None and self._prepared.inplace and self._is_current()
-            qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
-            y = run_dense(x2, qw, self.policy, self.bias, kernel_layout_codes=inplace)
+            y = run_dense(x2, self.quantized(), self.policy, self.bias)
         else:
             assert self._prepared is not None
             y = run_kernel(x2.to(self.policy.kernel_dtype), self._prepared, self.qmeta.group_size)

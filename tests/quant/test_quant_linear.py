@@ -23,7 +23,7 @@ from torch import nn
 gguf = pytest.importorskip("gguf")
 
 from hermesd.quant.cpu import default_policy  # noqa: E402
-from hermesd.quant.int4pack import int4_kernel_available  # noqa: E402
+from hermesd.quant.int4pack import int4_kernel_available, native_tag  # noqa: E402
 from hermesd.quant.kernels import int8_kernel_available  # noqa: E402
 from hermesd.quant.linear import QuantLinear, quantize_linear  # noqa: E402
 from hermesd.quant.qweight import QuantizedWeight, from_gguf  # noqa: E402
@@ -122,21 +122,50 @@ def _frombuffer_views(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.skipif(not int4_kernel_available(), reason="no CPU int4 kernel in this torch build")
+needs_int4 = pytest.mark.skipif(not int4_kernel_available(), reason="no CPU int4 kernel in this torch build")
+
+
+@needs_int4
 @pytest.mark.parametrize("fmt", ["int4", "Q4_K"])
 def test_in_place_prepare_and_rebind(fmt: str) -> None:
-    qw = make_weight(fmt)
+    qw = make_weight(fmt).repacked("rowmajor")  # a portable store: prepare must convert it
     reference = _module(qw, bias=False)
     x1, x128 = _input(1, qw.meta.shape[1], torch.bfloat16), _input(128, qw.meta.shape[1], torch.float32)
     mod = QuantLinear(qw.meta, device="meta")
     mod.load_state_dict(_frombuffer_views(qw), assign=True)
     assert mod.prepare(inplace=True) == "int4"
     assert not torch.equal(mod.qweight, qw.qweight)  # the bound bytes are in the kernel layout now
+    assert mod.quantized().meta.packing == native_tag()
     assert torch.equal(mod(x1), reference(x1))
     assert torch.equal(mod(x128), reference(x128))  # the dense path reads the kernel layout back
-    assert torch.equal(mod.quantized().qweight, qw.qweight)
+    assert torch.equal(mod.dequantize(), qw.dequantize())
     mod.load_state_dict(_frombuffer_views(qw), assign=True)  # a new load of the stage: row-major again
+    assert mod.quantized().meta.packing == "rowmajor"
     assert torch.equal(mod(x1), reference(x1))
+
+
+@needs_int4
+def test_native_packing_binds_without_conversion() -> None:
+    if native_tag() == "rowmajor":
+        pytest.skip("torch's int4 packing on this CPU matches none of the layouts we reproduce")
+    qw = make_weight("Q4_K")
+    assert qw.meta.packing == native_tag()
+    mod = QuantLinear(qw.meta, device="meta")
+    mod.load_state_dict(_frombuffer_views(qw), assign=True)
+    mod.prepare()
+    assert mod._prepared is not None and mod._prepared.packed.data_ptr() == mod.qweight.data_ptr()
+
+
+@needs_int4
+@pytest.mark.parametrize("packing", ["rowmajor", "halves64", "halves32", "pairs16"])
+def test_store_made_on_another_cpu(packing: str) -> None:
+    """A store packed for another ISA gives the same outputs after the loader re-packs it."""
+    qw = make_weight("int4")
+    reference = _module(qw, bias=False)
+    other = _module(qw.repacked(packing), bias=False)
+    for m in (1, 128):
+        x = _input(m, K, torch.float32)
+        assert torch.equal(other(x), reference(x))
 
 
 def test_inference_mode_and_no_bias() -> None:
