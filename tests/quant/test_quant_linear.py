@@ -85,7 +85,7 @@ def test_matches_linear_on_dequantized_weight(fmt: str, m: int, dtype: torch.dty
     x = _input(m, mod.in_features, dtype)
     y = mod(x)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], mod.out_features)
-    path = mod.prepare() if m <= mod.policy.kernel_max_m else "dense"
+    path = mod.prepare() if m <= mod.max_kernel_rows() else "dense"
     exact = path == "dense" and dtype == torch.float32 and mod.policy.dense_dtype == torch.float32
     assert _rel_err(y, x, mod) < (1e-5 if exact else 1e-2), path
 
