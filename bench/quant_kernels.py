@@ -83,7 +83,7 @@ def random_weight(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedWeight:
 def _module(qw: QuantizedWeight, kernel_max_m: int | None = None) -> QuantLinear:
     policy = default_policy()
     if kernel_max_m is not None:
-        policy = dataclasses.replace(policy, kernel_max_m=kernel_max_m)
+        policy = dataclasses.replace(policy, kernel_max_m=kernel_max_m, int4x2_max_m=kernel_max_m)
     return QuantLinear.from_quantized(qw, policy=policy)
 
 
@@ -113,7 +113,7 @@ def bench_kernels(shapes: list[tuple[int, int]], reps: int) -> list[dict[str, ob
                 for dt in (torch.float32, torch.bfloat16):
                     x = torch.randn(m, k).to(dt)
                     for label, mod in mods.items():
-                        path = mod.prepare() if label == "auto" and m <= mod.policy.kernel_max_m else DENSE
+                        path = mod.prepare() if label == "auto" and m <= mod.max_kernel_rows() else DENSE
                         rows.append(_row((n, k), m, fmt, f"{label}:{path}", dt, qw.nbytes,
                                          timeit(lambda: mod(x), r)))
                         print(json.dumps(rows[-1]), flush=True) if os.environ.get("QK_VERBOSE") else None
@@ -145,17 +145,21 @@ def _per_mb(label: str, nbytes: int, t: dict[str, float]) -> dict[str, object]:
 def bench_load(shape: tuple[int, int], reps: int) -> list[dict[str, object]]:
     """Loader-side conversions in ms per MB of stored bytes, against reading them from disk."""
     n, k = shape
-    q4, q8 = random_weight("Q4_K", n, k), random_weight("Q8_0", n, k)
+    q4, q8 = random_weight("Q4_K", n, k).repacked("rowmajor"), random_weight("Q8_0", n, k)
+    native = q4.repacked("native")
     codes = q4.qweight.clone()
     dtype = default_policy().kernel_dtype
     steps = [
         ("disk read at 1.2 GB/s (reference)", q4.qweight.numel(), None),
-        ("int4 to kernel layout (copy)", codes.numel(), lambda: to_kernel_layout(codes)),
-        ("int4 to kernel layout (in place)", codes.numel(), lambda: to_kernel_layout(codes, out=codes)),
-        ("int4 kernel layout back to row-major", codes.numel(), lambda: from_kernel_layout(codes)),
+        ("int4 row-major to kernel layout (copy)", codes.numel(), lambda: to_kernel_layout(codes)),
+        ("int4 row-major to kernel layout (in place)", codes.numel(), lambda: to_kernel_layout(codes, out=codes)),
+        ("int4 kernel layout to row-major (prefill of a native store)", codes.numel(),
+         lambda: from_kernel_layout(codes)),
         ("int4 via torch's converter (int32 codes)", codes.numel(), lambda: _torch_convert(codes)),
-        ("Q4_K prepare (layout + bf16 scale/zero table)", q4.nbytes, lambda: prepare_int4(q4, dtype)),
-        ("Q8_0 prepare int4x2 (split planes + layout)", q8.nbytes, lambda: prepare_int4x2(q8, dtype)),
+        ("Q4_K prepare, native packing (bf16 scale/zero table only)", native.nbytes,
+         lambda: prepare_int4(native, dtype)),
+        ("Q4_K prepare, row-major store (layout + table)", q4.nbytes, lambda: prepare_int4(q4, dtype)),
+        ("Q8_0 prepare int4x2 (split planes + layout + table)", q8.nbytes, lambda: prepare_int4x2(q8, dtype)),
     ]
     rows = []
     for label, nbytes, fn in steps:
@@ -256,7 +260,8 @@ def environment() -> dict[str, object]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": flags,
             "int4_layout": layout.tag if layout else None, "policy": {
-                "kernel_max_m": policy.kernel_max_m, "kernel_dtype": str(policy.kernel_dtype),
+                "kernel_max_m": policy.kernel_max_m, "int4x2_max_m": policy.int4x2_max_m,
+                "use_int4x2": policy.use_int4x2, "kernel_dtype": str(policy.kernel_dtype),
                 "dense_dtype": str(policy.dense_dtype)}, "loadavg": os.getloadavg()}
 
 

@@ -50,7 +50,8 @@ def int_kernel_dtype() -> torch.dtype:
 class KernelPolicy:
     """Which path a quantized Linear takes, by the number of rows ``M`` it multiplies."""
 
-    kernel_max_m: int = 8  # integer kernels up to this many rows, de-quantize + F.linear above
+    kernel_max_m: int = 32  # int8/int4 kernels up to this many rows, de-quantize + F.linear above
+    int4x2_max_m: int = 8  # the two-plane int4 path costs twice the kernel work: it stops earlier
     kernel_dtype: torch.dtype = torch.bfloat16  # activation dtype inside the integer kernels
     dense_dtype: torch.dtype = torch.float32  # de-quantized weight dtype for F.linear
     use_int4x2: bool = True  # 5..8-bit group types as two int4 kernel planes (not ggml-exact: bf16 scales)

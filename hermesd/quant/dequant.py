@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hermesd.quant.int4pack import unpack_nibbles
+from hermesd.quant.int4pack import ROWMAJOR, repack, unpack_nibbles
 from hermesd.quant.qweight import QuantizedWeight
 
 
@@ -36,11 +36,14 @@ def group_factors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | Non
 def codes_into(qw: QuantizedWeight, out: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
     """Write the (centred, for symmetric formats) codes of ``qw`` as floats into ``out[N, K]``.
 
-    ``codes`` replaces ``qw.qweight`` when the caller holds the row-major codes elsewhere (a weight
-    whose bound bytes were converted to the kernel layout).
+    ``codes`` replaces ``qw.qweight`` when the caller already holds them row-major (4-bit codes
+    stored in a kernel layout are otherwise converted back here).
     """
     meta = qw.meta
-    codes = qw.qweight if codes is None else codes
+    if codes is None:
+        codes = qw.qweight
+        if meta.bits == 4 and meta.packing != ROWMAJOR:
+            codes = repack(codes, meta.packing, ROWMAJOR)
     if meta.bits == 4:
         unpack_nibbles(codes, out=out)
     else:

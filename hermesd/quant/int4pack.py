@@ -1,7 +1,7 @@
-"""4-bit code packing: the ISA-independent stored layout and torch's CPU int4 kernel layout.
+"""4-bit code packing: the portable row-major layout and torch's (ISA-dependent) CPU int4 kernel layout.
 
-Stored ("row-major") layout: ``uint8[N, K/2]``, byte ``j`` of row ``n`` holds code ``(n, 2j)`` in its
-low nibble and ``(n, 2j+1)`` in its high nibble, the same on every machine.
+Row-major layout (``rowmajor``): ``uint8[N, K/2]``, byte ``j`` of row ``n`` holds code ``(n, 2j)`` in
+its low nibble and ``(n, 2j+1)`` in its high nibble, the same on every machine.
 
 Kernel layout: what ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` produces and
 ``_weight_int4pack_mm_for_cpu`` reads. It depends on the CPU capability torch dispatches to at run
@@ -9,15 +9,16 @@ time (``aten/src/ATen/native/cpu/int4mm_kernel.cpp``, ``weight_to_int4pack_kerne
 into blocks of ``BLOCK_N = 4 * Vectorized<float>::size()`` (64 on AVX-512, 32 on AVX2, 16 on NEON);
 each block is stored K-major, one group of ``nb/2`` bytes per k, and within it AVX-512/AVX2 pair
 row ``d`` with row ``d + BLOCK_N/2`` (low/high nibble) while the generic path, and every short tail
-block, pairs rows ``2i`` and ``2i+1``. So a file holding kernel-packed bytes from one machine would
-be garbage on another; stores keep the row-major layout and the loader converts with
-:func:`to_kernel_layout`, whose byte arithmetic is checked at first use against torch's own
-converter on this machine (:func:`kernel_layout`).
+block, pairs rows ``2i`` and ``2i+1``. Kernel-packed bytes from one machine are therefore garbage on
+another. A store records its packing as a tag (``rowmajor``, ``halves32``, ``halves64``,
+``pairs16`` ...); :func:`repack` converts between any two, in place if asked, and the layout of this
+machine is found at first use by matching torch's own converter (:func:`kernel_layout`).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,22 @@ class KernelLayout:
     def tag(self) -> str:
         """Short name recorded with converted tensors, e.g. ``halves32`` on AVX2."""
         return f"{self.style}{self.block_n}"
+
+
+def layout_from_tag(tag: str) -> KernelLayout | None:
+    """The :class:`KernelLayout` a packing tag names; ``None`` for ``rowmajor``."""
+    if tag == ROWMAJOR:
+        return None
+    match = re.fullmatch(r"(halves|pairs)(16|32|64)", tag)
+    if not match:
+        raise ConvertError(f"unknown 4-bit packing {tag!r}")
+    return KernelLayout(int(match.group(2)), match.group(1))
+
+
+def native_tag() -> str:
+    """Packing tag of this machine's int4 kernel (``rowmajor`` when it has none we can reproduce)."""
+    layout = kernel_layout()
+    return layout.tag if layout is not None else ROWMAJOR
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -143,6 +160,23 @@ def from_kernel_layout(packed: torch.Tensor, layout: KernelLayout | None = None,
     if layout is None:
         raise ConvertError("torch's int4 layout on this machine is unknown; it cannot be unpacked")
     return _convert(packed, layout, torch.empty_like(packed) if out is None else out, False)
+
+
+def repack(packed: torch.Tensor, src: str, dst: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Convert 4-bit codes from packing ``src`` to ``dst`` (tags); ``out`` may be ``packed`` (in place).
+
+    Returns ``packed`` itself (no copy) when the two tags are equal and no ``out`` is given.
+    """
+    if src == dst:
+        return packed if out is None or out is packed else out.copy_(packed)
+    _check_shape(packed)
+    target = torch.empty_like(packed) if out is None else out
+    if src != ROWMAJOR:  # via row-major: both steps keep every block in its byte range
+        from_kernel_layout(packed, layout_from_tag(src), out=target)
+        packed = target
+    if dst != ROWMAJOR:
+        to_kernel_layout(packed, layout_from_tag(dst), out=target)
+    return target
 
 
 def _torch_convert(packed: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 
 from hermesd.quant.cpu import KernelPolicy
 from hermesd.quant.dequant import dequantize_into, group_factors
-from hermesd.quant.int4pack import from_kernel_layout, int4_kernel_available, pack_nibbles, to_kernel_layout
+from hermesd.quant.int4pack import (
+    ROWMAJOR,
+    int4_kernel_available,
+    native_tag,
+    pack_nibbles,
+    repack,
+    to_kernel_layout,
+)
 from hermesd.quant.qweight import QuantizedWeight
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -56,27 +63,36 @@ def kernel_path(qw: QuantizedWeight, policy: KernelPolicy) -> str:
 
 @dataclass
 class Prepared:
-    """Kernel-ready tensors of one weight; ``inplace`` when ``packed`` is the bound qweight itself."""
+    """Kernel-ready tensors of one weight and the packing its bound ``qweight`` bytes now have."""
 
     path: str
     packed: torch.Tensor
     scales: torch.Tensor  # int8: [N]; int4 paths: [groups, N or 2N, 2] (scale, zero)
-    inplace: bool = False
+    bound_packing: str = ROWMAJOR  # differs from the stored packing after an in-place conversion
 
 
 def _int4_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[groups, N, 2]`` in the kernel's dtype: the kernel computes ``(q - 8) * scale + zero``."""
-    return torch.stack([scale, zero], dim=-1).transpose(0, 1).to(dtype).contiguous()
+    return torch.stack([scale.t(), zero.t()], dim=-1).to(dtype)
 
 
 def prepare_int4(qw: QuantizedWeight, dtype: torch.dtype, inplace: bool = False) -> Prepared:
-    """Kernel layout + scale/zero table for a 4-bit format (``inplace`` rewrites ``qw.qweight``)."""
+    """Kernel layout + scale/zero table for a 4-bit format.
+
+    Codes already stored in this CPU's kernel layout are used as they are (no copy); others are
+    re-packed, into ``qw.qweight`` itself when ``inplace``.
+    """
     scale, zero = group_factors(qw)
     # ours is s*(q - offset) or s*q + z; the kernel's (q - 8)*s + z' needs z' = z + 8s (or 0 when offset is 8)
     shift = 8 - qw.meta.code_offset
     kzero = (zero if zero is not None else torch.zeros_like(scale)) + shift * scale
-    packed = to_kernel_layout(qw.qweight, out=qw.qweight if inplace else None)
-    return Prepared(INT4, packed, _int4_scale_zeros(scale, kzero, dtype), inplace and packed is qw.qweight)
+    table = _int4_scale_zeros(scale, kzero, dtype)
+    stored, target = qw.meta.packing, native_tag()
+    if target == ROWMAJOR:  # a layout we cannot reproduce: torch's own (slow) converter, on a copy
+        packed = to_kernel_layout(repack(qw.qweight, stored, ROWMAJOR), layout=None)
+        return Prepared(INT4, packed, table, stored)
+    packed = repack(qw.qweight, stored, target, out=qw.qweight if inplace else None)
+    return Prepared(INT4, packed, table, target if packed is qw.qweight else stored)
 
 
 def prepare_int4x2(qw: QuantizedWeight, dtype: torch.dtype) -> Prepared:
@@ -150,11 +166,11 @@ def _rows_view(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
 
 
 def run_dense(x2: torch.Tensor, qw: QuantizedWeight, policy: KernelPolicy,
-              bias: torch.Tensor | None = None, kernel_layout_codes: bool = False) -> torch.Tensor:
+              bias: torch.Tensor | None = None) -> torch.Tensor:
     """De-quantize row chunks into scratch and ``F.linear`` each (in ``policy.dense_dtype``).
 
-    ``kernel_layout_codes``: the 4-bit codes were converted in place to the kernel layout; each
-    chunk (a multiple of 64 rows, so whole kernel blocks) is converted back into scratch first.
+    4-bit codes in a kernel layout (``qw.meta.packing``) are converted back chunk by chunk; chunks
+    are multiples of 64 rows, so they hold whole kernel blocks.
     """
     n, k = qw.meta.shape
     dtype = policy.dense_dtype
@@ -166,13 +182,13 @@ def run_dense(x2: torch.Tensor, qw: QuantizedWeight, policy: KernelPolicy,
         stop = min(n, start + rows)
         part = _rows_view(qw, start, stop)
         codes = None
-        if kernel_layout_codes:
-            codes = from_kernel_layout(part.qweight, out=scratch(part.qweight.numel(), torch.uint8).view_as(part.qweight))
+        if qw.meta.bits == 4 and qw.meta.packing != ROWMAJOR:
+            buf = scratch(part.qweight.numel(), torch.uint8).view_as(part.qweight)
+            codes = repack(part.qweight, qw.meta.packing, ROWMAJOR, out=buf)
         w = scratch((stop - start) * k, dtype).view(stop - start, k)
         factors = (scale[start:stop], None if zero is None else zero[start:stop])
         dequantize_into(part, w, codes=codes, factors=factors)
-        b = None if bias is None else bias[start:stop].to(dtype)
-        y = F.linear(x2, w, b)
+        y = F.linear(x2, w, None if bias is None else bias[start:stop].to(dtype))
         if out is None:
             return y
         out[:, start:stop] = y

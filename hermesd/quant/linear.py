@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
@@ -9,8 +10,7 @@ from torch import nn
 
 from hermesd.errors import ConvertError
 from hermesd.quant.cpu import KernelPolicy, default_policy
-from hermesd.quant.int4pack import from_kernel_layout
-from hermesd.quant.kernels import DENSE, Prepared, kernel_path, prepare, run_dense, run_kernel
+from hermesd.quant.kernels import DENSE, INT4X2, Prepared, kernel_path, prepare, run_dense, run_kernel
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
 
 
@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
                                  requires_grad=False) if bias else None
         self._prepared: Prepared | None = None
         self._bound: tuple[weakref.ref[torch.Tensor], int] | None = None
+        self._kernel_path: str | None = None
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
@@ -69,11 +70,12 @@ class QuantLinear(nn.Module):
         return mod
 
     def quantized(self) -> QuantizedWeight:
-        """The bound tensors as a :class:`QuantizedWeight` (row-major codes, whatever ``prepare`` did)."""
-        qweight = self.qweight
-        if self._prepared is not None and self._prepared.inplace and self._is_current():
-            qweight = from_kernel_layout(qweight)
-        return QuantizedWeight(self.qmeta, qweight, self.scales, self.zeros, self.super_scales)
+        """The bound tensors as a :class:`QuantizedWeight`, its packing that of the bytes right now."""
+        packing = self.qmeta.packing
+        if self._prepared is not None and self._is_current():
+            packing = self._prepared.bound_packing  # changed by prepare(inplace=True)
+        meta = dataclasses.replace(self.qmeta, packing=packing)
+        return QuantizedWeight(meta, self.qweight, self.scales, self.zeros, self.super_scales)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` (the reference the kernels are tested against)."""
@@ -89,13 +91,14 @@ class QuantLinear(nn.Module):
     def prepare(self, inplace: bool = False) -> str:
         """Build the kernel-ready tensors now (e.g. on a loader thread); returns the small-M path.
 
-        ``inplace=True`` converts 4-bit codes inside the bound ``qweight`` (no extra memory; the
-        buffer must be writable and private to this module until it is re-bound).
+        4-bit codes stored in this CPU's kernel layout are used as bound (zero-copy). Others are
+        re-packed: into a new tensor, or with ``inplace=True`` inside the bound ``qweight`` (no
+        extra memory; the buffer must be writable and private to this module until re-bound).
         """
         if self._is_current() and self._prepared is not None:
             return self._prepared.path
         qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
-        path = kernel_path(qw, self.policy)
+        path = self.small_m_path()
         if path == DENSE:
             self._prepared = None
             self._bound = None
@@ -103,6 +106,17 @@ class QuantLinear(nn.Module):
         self._prepared = prepare(qw, path, self.policy.kernel_dtype, inplace)
         self._bound = (weakref.ref(self.qweight), _version(self.qweight))
         return path
+
+    def small_m_path(self) -> str:
+        """The path for a few rows (``int8``, ``int4``, ``int4x2`` or ``dense``); nothing is prepared."""
+        if self._kernel_path is None:
+            qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
+            self._kernel_path = kernel_path(qw, self.policy)
+        return self._kernel_path
+
+    def max_kernel_rows(self) -> int:
+        """Largest M that still takes the integer kernel (measured crossover, see the policy)."""
+        return self.policy.int4x2_max_m if self.small_m_path() == INT4X2 else self.policy.kernel_max_m
 
     def release(self) -> None:
         """Forget the kernel-ready tensors (an in-place converted ``qweight`` must be re-bound after)."""
@@ -114,11 +128,12 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
-        path = DENSE if x2.shape[0] > self.policy.kernel_max_m else self.prepare()
+        if self.small_m_path() == DENSE or x2.shape[0] > self.max_kernel_rows():
+            path = DENSE
+        else:
+            path = self.prepare()
         if path == DENSE:
-            inplace = self._prepared is not None and self._prepared.inplace and self._is_current()
-            qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
-            y = run_dense(x2, qw, self.policy, self.bias, kernel_layout_codes=inplace)
+            y = run_dense(x2, self.quantized(), self.policy, self.bias)
         else:
             assert self._prepared is not None
             y = run_kernel(x2.to(self.policy.kernel_dtype), self._prepared, self.qmeta.group_size)

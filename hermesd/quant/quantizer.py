@@ -73,11 +73,12 @@ def _int4_symmetric(weight: torch.Tensor, group: int) -> QuantizedWeight:
 
 
 def quantize(weight: torch.Tensor, scheme: str, group_size: int | None = None,
-             symmetric: bool | None = None) -> QuantizedWeight:
+             symmetric: bool | None = None, packing: str = "native") -> QuantizedWeight:
     """Quantize a float Linear weight ``[N, K]`` with our ``int8`` or ``int4`` scheme.
 
     ``group_size`` defaults to the measured choice (int8: one scale per row, int4: 32);
-    ``symmetric`` overrides the int4 default (affine) for comparisons.
+    ``symmetric`` overrides the int4 default (affine) for comparisons; ``packing`` is the 4-bit
+    code layout to store (see :func:`hermesd.quant.qweight.from_gguf`).
     Raises :class:`ConvertError` for an unknown scheme, a non-2-D weight or a group that does not
     divide K (int4 groups must also be one the kernel takes: 32, 64, 128 or 256).
     """
@@ -91,7 +92,8 @@ def quantize(weight: torch.Tensor, scheme: str, group_size: int | None = None,
         return _int8(weight, group)
     if group not in INT4_GROUPS:
         raise ConvertError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
-    return _int4_symmetric(weight, group) if symmetric else _int4_affine(weight, group)
+    qw = _int4_symmetric(weight, group) if symmetric else _int4_affine(weight, group)
+    return qw.repacked(packing) if qw.meta.shape[0] % 16 == 0 else qw
 
 
 def relative_rms_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

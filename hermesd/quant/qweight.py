@@ -4,8 +4,11 @@ A weight ``W[N, K]`` (N = out_features, K = in_features) of module ``<name>`` is
 safetensors file as:
 
 =========================  ==================================================================
-``<name>.qweight``         codes. 4-bit: ``uint8[N, K/2]``, two codes a byte, low nibble = even k
-                           (row-major, the same on every CPU). 5..8 bits: one code a byte,
+``<name>.qweight``         codes. 4-bit: ``uint8[N, K/2]``, two codes a byte, in the packing the
+                           metadata names: ``rowmajor`` (low nibble = even k, portable) or the
+                           int4 kernel layout of the CPU that made the store (``halves32`` on
+                           AVX2 ...), which saves the conversion at every load on that CPU and is
+                           re-packed by the loader elsewhere. 5..8 bits: one code a byte,
                            ``int8[N, K]`` for symmetric types (already centred), ``uint8[N, K]``
                            for affine ones.
 ``<name>.scales``          ``[N, K/group]``: fp16 scales, fp32 for ``int8`` (one per row), or the
@@ -24,6 +27,7 @@ records which. Every GGML type keeps ggml's fp32 values bit for bit; 4-bit store
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,7 +37,7 @@ import torch
 
 from hermesd.errors import ConvertError
 from hermesd.quant.ggml_blocks import BLOCK_FORMATS, DecodedBlocks, decode_blocks, row_bytes, type_name
-from hermesd.quant.int4pack import ROWMAJOR, pack_nibbles
+from hermesd.quant.int4pack import ROWMAJOR, layout_from_tag, native_tag, pack_nibbles, repack
 
 META_PREFIX = "hermesd.quant."
 SUFFIXES = ("qweight", "scales", "zeros", "super_scales")
@@ -52,7 +56,7 @@ class QuantMeta:
     affine: bool  # zeros tensor present: w = scale*q + zero
     code_offset: int = 0  # symmetric 4-bit: w = scale*(q - code_offset)
     super_block: int = 0  # 256 for K-quants: scales are integers times super_scales
-    packing: str = ROWMAJOR  # 4-bit nibble order of qweight; kernel layouts never reach a file
+    packing: str = ROWMAJOR  # 4-bit byte layout of qweight: rowmajor or an int4 kernel layout tag
     version: int = FORMAT_VERSION
 
     @property
@@ -71,9 +75,9 @@ class QuantMeta:
         """Inverse of :meth:`to_dict`; :class:`ConvertError` for a version or format we cannot read."""
         if int(data.get("version", 0)) != FORMAT_VERSION:
             raise ConvertError(f"quantized weight metadata version {data.get('version')} is not {FORMAT_VERSION}")
-        known = {*BLOCK_FORMATS, *OWN_FORMATS}
-        if data.get("format") not in known or data.get("packing", ROWMAJOR) != ROWMAJOR:
-            raise ConvertError(f"unsupported quantized weight {data.get('format')!r}/{data.get('packing')!r}")
+        if data.get("format") not in {*BLOCK_FORMATS, *OWN_FORMATS}:
+            raise ConvertError(f"unsupported quantized weight format {data.get('format')!r}")
+        layout_from_tag(data.get("packing", ROWMAJOR))  # raises for a packing we do not know
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         fields["shape"] = tuple(int(v) for v in data["shape"])
         return cls(**fields)
@@ -130,6 +134,14 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros,
                                                            self.super_scales) if t is not None)
 
+    def repacked(self, packing: str) -> QuantizedWeight:
+        """The same weight with 4-bit codes in ``packing`` (a tag or ``native``); shares other tensors."""
+        packing = resolve_packing(packing, self.meta.bits)
+        if packing == self.meta.packing:
+            return self
+        codes = repack(self.qweight, self.meta.packing, packing)
+        return dataclasses.replace(self, meta=dataclasses.replace(self.meta, packing=packing), qweight=codes)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` (fp32 values are ggml's, bit for bit, for GGUF sources)."""
         from hermesd.quant.dequant import dequantize
@@ -182,10 +194,21 @@ def _codes_tensor(dec: DecodedBlocks) -> torch.Tensor:
     return codes
 
 
-def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int]) -> QuantizedWeight:
+def resolve_packing(packing: str, bits: int) -> str:
+    """The packing tag to store: ``native`` means this CPU's int4 kernel layout; wider codes are row-major."""
+    if bits != 4:
+        return ROWMAJOR
+    tag = native_tag() if packing == "native" else packing
+    layout_from_tag(tag)
+    return tag
+
+
+def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int], packing: str = "native") -> QuantizedWeight:
     """Stored form of a GGUF tensor from its raw blocks ``uint8[N, row_bytes]``, exact (no re-quantizing).
 
-    ``shape`` is ``(N, K)``; GGUF lists it the other way round (``ne0 = K`` first).
+    ``shape`` is ``(N, K)``; GGUF lists it the other way round (``ne0 = K`` first). ``packing`` of
+    4-bit codes: ``native`` (this CPU's int4 kernel layout, the measured default: no conversion at
+    load here), ``rowmajor`` (portable) or an explicit kernel layout tag.
     """
     n, k = int(shape[0]), int(shape[1])
     name = type_name(ggml_type)
@@ -203,7 +226,7 @@ def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int]) -> Qua
     qw = QuantizedWeight(meta, _codes_tensor(dec), tensor(dec.scales), tensor(dec.zeros),  # type: ignore[arg-type]
                          tensor(dec.super_scales))
     check_tensors(qw)
-    return qw
+    return qw.repacked(packing) if qw.meta.bits == 4 and qw.meta.shape[0] % 16 == 0 else qw
 
 
 def storage_ratio(qw: QuantizedWeight) -> float:

@@ -95,6 +95,22 @@ def test_meta_json_round_trip_and_header() -> None:
         QuantMeta.from_dict({**meta.to_dict(), "version": 99})
     with pytest.raises(ConvertError, match="unsupported"):
         QuantMeta.from_dict({**meta.to_dict(), "format": "Q2_K"})
+    assert QuantMeta.from_dict({**meta.to_dict(), "packing": "halves64"}).packing == "halves64"
+
+
+def test_packing_is_recorded_and_any_packing_dequantizes_the_same() -> None:
+    raw, native = _simple("Q4_1")
+    portable = from_gguf(raw, "Q4_1", (32, 256), packing="rowmajor")
+    assert portable.meta.packing == "rowmajor"
+    for packing in ("halves64", "halves32", "pairs16", "native"):
+        other = portable.repacked(packing)
+        assert QuantMeta.from_json(other.meta.to_json()) == other.meta
+        assert torch.equal(other.dequantize(), portable.dequantize())
+    assert torch.equal(native.dequantize(), portable.dequantize())
+    with pytest.raises(ConvertError, match="packing"):
+        QuantMeta.from_dict({**portable.meta.to_dict(), "packing": "zigzag8"})
+    _, wide = _simple("Q8_0")
+    assert wide.meta.packing == "rowmajor"  # only 4-bit codes have kernel layouts
 
 
 def test_tensor_names_and_safetensors_round_trip(tmp_path: Path) -> None:
