@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from hermesd.quant.int4pack import ROWMAJOR, repack, unpack_nibbles
-from hermesd.quant.qweight import QuantizedWeight
+
+# ``qw`` arguments are ``hermesd.quant.qweight.QuantizedWeight``s. Not imported: ``QuantizedWeight.dequantize``
+# imports this module, and the package keeps its import graph acyclic (tests/test_layout.py).
+QuantizedWeight = "hermesd.quant.qweight.QuantizedWeight"
 
 
 def group_factors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:

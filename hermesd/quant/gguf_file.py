@@ -116,6 +116,12 @@ class GGUFModelFile:
             raise KeyError(f"{hf_name}: {why}")
         return self._record(plan)
 
+    def release(self, hf_name: str) -> None:
+        """Drop the pages of parameter ``hf_name`` from this process (see ``tensors``); a memory hint only."""
+        plan = self._by_name.get(hf_name)
+        if plan is not None:
+            self._release(plan)
+
     def save_tokenizer(self, dest: str | Path) -> list[str]:
         """Write the tokenizer transformers builds from this file into ``dest``; return the new file names.
 

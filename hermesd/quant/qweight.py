@@ -203,6 +203,20 @@ def resolve_packing(packing: str, bits: int) -> str:
     return tag
 
 
+def gguf_meta(ggml_type: object, shape: tuple[int, int], packing: str = ROWMAJOR) -> QuantMeta:
+    """The :class:`QuantMeta` of ``from_gguf(raw, ggml_type, shape, packing)``, without reading data."""
+    name = type_name(ggml_type)
+    fmt = BLOCK_FORMATS.get(name)
+    if fmt is None:
+        raise ConvertError(f"{name} is not a quantized GGML type hermesd keeps")
+    n, k = int(shape[0]), int(shape[1])
+    if k % fmt.block_size:
+        raise ConvertError(f"{name} tensor of shape {shape}: rows of {k} are not whole {fmt.block_size}-element blocks")
+    packing = resolve_packing(packing, fmt.bits) if fmt.bits == 4 and n % 16 == 0 else ROWMAJOR
+    return QuantMeta(fmt.name, (n, k), fmt.bits, fmt.group_size, fmt.affine,
+                     fmt.code_offset if fmt.bits == 4 else 0, 256 if fmt.super_block else 0, packing)
+
+
 def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int], packing: str = "native") -> QuantizedWeight:
     """Stored form of a GGUF tensor from its raw blocks ``uint8[N, row_bytes]``, exact (no re-quantizing).
 
@@ -216,9 +230,7 @@ def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int], packin
         raise ConvertError(f"{name} tensor of shape {shape}: {np.asarray(raw).size} bytes, "
                            f"expected {n * row_bytes(name, k)}")
     dec = decode_blocks(np.asarray(raw).reshape(n, -1), name, k)
-    fmt = dec.fmt
-    meta = QuantMeta(fmt.name, (n, k), fmt.bits, fmt.group_size, fmt.affine,
-                     fmt.code_offset if fmt.bits == 4 else 0, 256 if fmt.super_block else 0)
+    meta = gguf_meta(name, (n, k))
 
     def tensor(a: np.ndarray | None) -> torch.Tensor | None:
         return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
