@@ -196,3 +196,44 @@ def test_dequantize_flag_keeps_the_float_path(tmp_path: Path) -> None:
     convert(source, store)
     manifest = Manifest.load(store)
     assert not any(stage.quant for stage in manifest.stages) and manifest.dtype == "float32"
+
+
+# ---- other architectures: files of random weights written here -----------------------------------
+
+ARCHS = {
+    # biases on q/k/v: QuantLinear keeps them as float parameters
+    "qwen2": dict(context_length=128, block_count=2, feed_forward_length=128, embedding_length=64,
+                  attention__head_count=4, attention__head_count_kv=2, attention__layer_norm_rms_epsilon=1e-6,
+                  vocab_size=256, rope__freq_base=10000.0),
+    # a scaled embedding (its own forward) tied to the head: both stay float, the rest quantized
+    "gemma2": dict(context_length=128, block_count=2, feed_forward_length=128, embedding_length=64,
+                   attention__key_length=16, attention__head_count=4, attention__head_count_kv=2,
+                   attention__layer_norm_rms_epsilon=1e-6, attention__sliding_window=64, vocab_size=256),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_other_architectures_match_transformers(tmp_path: Path, arch: str) -> None:
+    from gguf_support import TOKENS, kv_for, synthetic
+
+    tokenizer = TOKENS | {"tokenizer__ggml__model": "llama", "tokenizer__ggml__scores": [0.0] * 256,
+                          "tokenizer__ggml__token_type": [1] * 256}
+    path = synthetic(tmp_path, arch, kv_for(arch, **ARCHS[arch]) | tokenizer)
+    store = tmp_path / "store"
+    convert(open_source(path), store)
+    manifest = Manifest.load(store)
+    assert {f for s in manifest.stages for f in s.quant_formats} == {"Q8_0"}
+    if arch == "gemma2":  # de-quantized at convert: Gemma's embedding scales its output in its own forward
+        assert not manifest.stage("model.embed_tokens").quant and not manifest.stage("lm_head").quant
+        assert manifest.source["dequantized"] == ["model.embed_tokens.weight (Q8_0)"]
+    else:
+        layer = manifest.stage("model.layers.0")  # QuantLinear keeps q/k/v biases as float parameters
+        assert "self_attn.q_proj" in layer.quant and layer.tensors["self_attn.q_proj.bias"].dtype == "F32"
+    full = _reference(path)
+    ids = torch.tensor([[1, 17, 200, 3, 45, 99, 128, 7]])
+    with torch.inference_mode():
+        want_logits, want_tokens = full(ids).logits, _greedy(full, ids, 8)
+        with hermesd.load(store, prefetch=2) as engine:
+            logits, tokens = engine.model(ids).logits, _greedy(engine.model, ids, 8)
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, want_tokens)
