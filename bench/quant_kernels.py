@@ -80,8 +80,8 @@ def random_weight(fmt: str, n: int, k: int, seed: int = 0) -> QuantizedWeight:
     return QuantizedWeight(meta, **parts)
 
 
-def _module(qw: QuantizedWeight, kernel_max_m: int | None = None) -> QuantLinear:
-    policy = default_policy()
+def _module(qw: QuantizedWeight, kernel_max_m: int | None = None, int4x2: bool = False) -> QuantLinear:
+    policy = dataclasses.replace(default_policy(), use_int4x2=int4x2 or default_policy().use_int4x2)
     if kernel_max_m is not None:
         policy = dataclasses.replace(policy, kernel_max_m=kernel_max_m, int4x2_max_m=kernel_max_m)
     return QuantLinear.from_quantized(qw, policy=policy)
@@ -110,10 +110,12 @@ def bench_kernels(shapes: list[tuple[int, int]], reps: int) -> list[dict[str, ob
                 mods = {"auto": _module(qw)}
                 if m == 1:
                     mods["dense"] = _module(qw, kernel_max_m=0)
+                    if qw.meta.bits > 4 and fmt != "int8":  # the opt-in two-plane int4 path
+                        mods["opt"] = _module(qw, int4x2=True)
                 for dt in (torch.float32, torch.bfloat16):
                     x = torch.randn(m, k).to(dt)
                     for label, mod in mods.items():
-                        path = mod.prepare() if label == "auto" and m <= mod.max_kernel_rows() else DENSE
+                        path = mod.prepare() if label != "dense" and m <= mod.max_kernel_rows() else DENSE
                         rows.append(_row((n, k), m, fmt, f"{label}:{path}", dt, qw.nbytes,
                                          timeit(lambda: mod(x), r)))
                         print(json.dumps(rows[-1]), flush=True) if os.environ.get("QK_VERBOSE") else None
@@ -127,7 +129,7 @@ def bench_crossover(shape: tuple[int, int], reps: int) -> list[dict[str, object]
     rows: list[dict[str, object]] = []
     for fmt in ("int8", "int4", "Q4_K", "Q8_0"):
         qw = random_weight(fmt, n, k)
-        kernel, dense = _module(qw, kernel_max_m=1 << 30), _module(qw, kernel_max_m=0)
+        kernel, dense = _module(qw, kernel_max_m=1 << 30, int4x2=True), _module(qw, kernel_max_m=0)
         for dt in (torch.bfloat16, torch.float32):
             for m in (1, 2, 4, 8, 16, 32, 64):
                 x = torch.randn(m, k).to(dt)
@@ -190,7 +192,7 @@ def bench_compile(shapes: list[tuple[int, int]], reps: int) -> list[dict[str, ob
     for n, k in shapes:
         x = torch.randn(1, k)
         for fmt, fused in (("int4", _fused_int4), ("Q8_0", _fused_int8)):
-            qw = random_weight(fmt, n, k)
+            qw = random_weight(fmt, n, k).repacked("rowmajor")  # the fused code reads row-major nibbles
             args = (qw.qweight, qw.scales, qw.zeros) if fmt == "int4" else (qw.qweight, qw.scales)
             ref = qw.dequantize()
             started = time.perf_counter()
@@ -206,7 +208,7 @@ def bench_compile(shapes: list[tuple[int, int]], reps: int) -> list[dict[str, ob
             t = timeit(lambda: compiled(x, *args), reps)
             row = _row((n, k), 1, fmt, "compiled fused", torch.float32, qw.nbytes, t)
             rows.append({**row, "compile_s": compile_s, "status": status, "rel_err": err})
-            for label, mod in (("auto", _module(qw)), ("dense", _module(qw, kernel_max_m=0))):
+            for label, mod in (("kernel", _module(qw, int4x2=True)), ("dense", _module(qw, kernel_max_m=0))):
                 rows.append(_row((n, k), 1, fmt, label, torch.float32, qw.nbytes, timeit(lambda: mod(x), reps)))
     return rows
 
@@ -281,9 +283,12 @@ def main() -> int:
     parser.add_argument("--sections", default="kernels,crossover,load,compile,errors")
     parser.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--shapes", help="comma-separated NxK (out x in) instead of the default three")
     args = parser.parse_args()
     torch.set_num_threads(2)
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [(int(a), int(b)) for a, b in (s.split("x") for s in args.shapes.split(","))]
     reps = 5 if args.quick else args.reps
     runners: dict[str, Callable[[], list[dict[str, object]]]] = {
         "kernels": lambda: bench_kernels(shapes, reps), "crossover": lambda: bench_crossover(SHAPES[0], reps),

@@ -54,7 +54,9 @@ class KernelPolicy:
     int4x2_max_m: int = 8  # the two-plane int4 path costs twice the kernel work: it stops earlier
     kernel_dtype: torch.dtype = torch.bfloat16  # activation dtype inside the integer kernels
     dense_dtype: torch.dtype = torch.float32  # de-quantized weight dtype for F.linear
-    use_int4x2: bool = True  # 5..8-bit group types as two int4 kernel planes (not ggml-exact: bf16 scales)
+    # 5..8-bit group types as two int4 kernel planes: ~1.4x faster than dense at M=1 but re-packing
+    # costs ~8 ms/MB at every load (7x a disk read), so only worth it for stages kept resident
+    use_int4x2: bool = False
     dense_chunk_bytes: int = 8 << 20  # de-quantize at most this much weight at a time (scratch bound)
 
 

@@ -36,6 +36,7 @@ KQUANT_SOURCES = {"Q4_K": ("tiny-llama-Q4_K_M.gguf", "blk.0.ffn_up.weight"),
 FORMATS = ["int8", "int4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 SMALL_M_PATH = {"int8": "int8", "int4": "int4", "Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4",
                 "Q5_0": "int4x2", "Q5_1": "int4x2", "Q5_K": "int4x2", "Q8_0": "int4x2", "Q6_K": "dense"}
+INT4X2 = dataclasses.replace(default_policy(), use_int4x2=True)  # opt-in (resident stages)
 N, K = 96, 512  # 96 rows: whole 32-row kernel blocks and, with 64-row blocks, a 32-row tail
 
 
@@ -60,9 +61,9 @@ def make_weight(fmt: str) -> QuantizedWeight:
     return from_gguf(raw, fmt, (N, K))
 
 
-def _module(qw: QuantizedWeight, bias: bool = True) -> QuantLinear:
+def _module(qw: QuantizedWeight, bias: bool = True, policy=None) -> QuantLinear:
     b = torch.randn(qw.meta.shape[0], generator=torch.Generator().manual_seed(1)) if bias else None
-    return QuantLinear.from_quantized(qw, b)
+    return QuantLinear.from_quantized(qw, b, policy=policy)
 
 
 def _input(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -79,9 +80,10 @@ def _rel_err(y: torch.Tensor, x: torch.Tensor, mod: QuantLinear) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 128])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + ["Q5_0+int4x2", "Q5_1+int4x2", "Q5_K+int4x2", "Q8_0+int4x2"])
 def test_matches_linear_on_dequantized_weight(fmt: str, m: int, dtype: torch.dtype) -> None:
-    mod = _module(make_weight(fmt))
+    fmt, _, opt = fmt.partition("+")
+    mod = _module(make_weight(fmt), policy=INT4X2 if opt else None)
     x = _input(m, mod.in_features, dtype)
     y = mod(x)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], mod.out_features)
@@ -97,7 +99,9 @@ def test_small_m_takes_the_integer_kernel(fmt: str) -> None:
         pytest.skip("torch._weight_int8pack_mm is missing from this torch build")
     if expected.startswith("int4") and not int4_kernel_available():
         pytest.skip("aten._weight_int4pack_mm_for_cpu is missing from this torch build")
-    assert _module(make_weight(fmt)).prepare() == expected
+    assert _module(make_weight(fmt), policy=INT4X2).prepare() == expected
+    if expected == "int4x2":  # off by default: its re-packing costs ~8 ms/MB at every load
+        assert _module(make_weight(fmt)).prepare() == "dense"
 
 
 @pytest.mark.parametrize("fmt", ["int8", "Q4_K", "Q8_0", "Q6_K"])
