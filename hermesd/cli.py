@@ -71,6 +71,9 @@ def _add_convert(commands) -> None:
                          help="SRC DEST (a Hugging Face directory or .gguf file, then the store), or only DEST "
                               "with --random-config")
     convert.add_argument("--gguf-file", help="name of the GGUF file inside SRC")
+    convert.add_argument("--dequantize", action="store_true",
+                         help="GGUF: store float weights (through transformers, whole model in memory) instead of "
+                              "keeping the file's quantization")
     convert.add_argument("--random-config", type=Path, help="config.json of an architecture: random weights")
     convert.add_argument("--seed", type=int, default=0, help="seed for --random-config (default 0)")
     convert.add_argument("--dtype", help="stored dtype: fp32, bf16 or fp16 (default: the source's)")
@@ -165,7 +168,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dest = Path(args.paths[-1])
     if dest.exists() and not args.force:  # refuse before the (possibly slow) source is opened
         raise HermesError(f"{dest} already exists; pass --force to replace it")
-    source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed)
+    source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed,
+                         dequantize=args.dequantize)
     progress = None if args.quiet else _print_progress
     if args.quiet:
         import transformers
@@ -194,18 +198,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     reader = StageReader(args.store, manifest)
     minimum = fit_plan(manifest, reader.span, memory.rss_bytes(), prefetch=0,
                        resident=[s.name for s in manifest.stages if s.kind == "pinned"])
+    # One token's pass with nothing resident reads every streamed stage once (gathered rows aside).
+    per_token = sum(reader.read_bytes(s.name) for s in manifest.stages if s.kind != "pinned")
+    quantized = sorted({f for s in manifest.stages for f in s.quant_formats})
     if args.json:
         print(json.dumps({"architecture": manifest.architecture, "dtype": manifest.dtype,
+                          "format_version": manifest.format_version, "quantized": quantized,
                           "weight_bytes": manifest.weight_bytes(), "minimum_budget": minimum.peak_bound,
-                          "read_mode": reader.read_mode,
+                          "streamed_bytes_per_token": per_token, "read_mode": reader.read_mode,
                           "stages": [{"name": s.name, "kind": s.kind, "bytes": reader.read_bytes(s.name),
-                                      "tied": sorted(s.tied), "gather": s.gather} for s in manifest.stages]}))
+                                      "tied": sorted(s.tied), "gather": s.gather, "quant": s.quant_formats}
+                                     for s in manifest.stages]}))
         return 0
-    print(f"{manifest.architecture} ({manifest.model_type}, {manifest.dtype}): {len(manifest.stages)} stages, "
-          f"{format_size(manifest.weight_bytes())} of weights; read mode {reader.read_mode}")
+    weights = f"{', '.join(quantized)} quantized" if quantized else "float"
+    print(f"{manifest.architecture} ({manifest.model_type}, {manifest.dtype} compute, {weights} weights): "
+          f"{len(manifest.stages)} stages, {format_size(manifest.weight_bytes())} of weights; read mode {reader.read_mode}")
+    print(f"streamed per token (nothing resident): {format_size(per_token)}")
     print(f"minimum memory budget (no prefetch): {format_size(minimum.peak_bound)}")
     for stage in manifest.stages:
-        extra = "".join([f" tied:{','.join(stage.tied)}" if stage.tied else "",
+        extra = "".join([f" quant:{','.join(stage.quant_formats)}" if stage.quant else "",
+                         f" tied:{','.join(stage.tied)}" if stage.tied else "",
                          f" gathered:{','.join(stage.gather)}" if stage.gather else ""])
         print(f"  {stage.name:<40} {stage.kind:<6} {format_size(reader.read_bytes(stage.name)):>10}{extra}")
     return 0

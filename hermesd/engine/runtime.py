@@ -20,6 +20,8 @@ from hermesd.engine.prefetch import LoadedStage, Prefetcher
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats, StageStats
 from hermesd.errors import StoreError
+from hermesd.quant.embedding import QuantEmbedding
+from hermesd.quant.linear import QuantLinear
 from hermesd.store.manifest import Manifest, StageEntry
 
 TIMELINE_LIMIT = 20_000  # events kept per run; a long generation stops adding after this
@@ -85,6 +87,8 @@ class StageBinding:
     def unbind(self) -> None:
         for _, owner, attr, is_param, original in self._slots:
             (owner._parameters if is_param else owner._buffers)[attr] = original
+            if isinstance(owner, QuantLinear):
+                owner.release()  # its kernel-ready copy belongs to the tensors just unbound
 
 
 class StreamRuntime:
@@ -112,8 +116,11 @@ class StreamRuntime:
             self._handles.append(module.register_forward_pre_hook(_standard_strides, with_kwargs=True))
             self._handles.append(module.register_forward_pre_hook(self._checkpoint_hook(entry.name), prepend=True))
         for entry in manifest.stages:
+            by_module: dict[str, list[str]] = {}
             for local in entry.gather:
-                self._hook_gather(entry, local)
+                by_module.setdefault(local.rpartition(".")[0], []).append(local)
+            for path, locals_ in by_module.items():
+                self._hook_gather(entry, path, locals_)
         self._handles.append(model.register_forward_pre_hook(self._root_pre))
         self._handles.append(model.register_forward_hook(self._root_post, always_call=True))
         self._original_generate = getattr(model, "generate", None)
@@ -246,9 +253,11 @@ class StreamRuntime:
             self._stats.timeline.append((name, kind, round(start - self._t0, 6), round(end - self._t0, 6)))
 
     # -- gathered embedding tables ------------------------------------------------------------
-    def _hook_gather(self, entry: StageEntry, local: str) -> None:
-        path = local.rpartition(".")[0]
+    def _hook_gather(self, entry: StageEntry, path: str, locals_: list[str]) -> None:
         module = self.model.get_submodule(".".join(p for p in (entry.module, path) if p))
+        if isinstance(module, QuantEmbedding):
+            return self._hook_gather_quantized(entry, module, locals_)
+        local = locals_[0]
         meta_weight = module._parameters["weight"]
         padding_idx = module.padding_idx
 
@@ -265,6 +274,27 @@ class StreamRuntime:
         def restore(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             mod._parameters["weight"] = meta_weight
             mod.padding_idx = padding_idx
+
+        self._handles.append(module.register_forward_pre_hook(gather, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(restore, with_kwargs=True, always_call=True))
+
+    def _hook_gather_quantized(self, entry: StageEntry, module: QuantEmbedding, locals_: list[str]) -> None:
+        """Gather the batch's rows of each stored tensor of a quantized table; the module de-quantizes them."""
+        meta_parts = dict(module._buffers)
+
+        def gather(mod: nn.Module, args: tuple, kwargs: dict):
+            ids = args[0]
+            unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            rows = unique.tolist()
+            for local in locals_:
+                part = self.reader.read_rows(entry.name, local, rows)
+                mod._buffers[local.rpartition(".")[2]] = part
+                if self._stats is not None:
+                    self._stats.gathered_bytes += part.numel() * part.element_size()
+            return (inverse, *args[1:]), kwargs
+
+        def restore(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            mod._buffers.update(meta_parts)
 
         self._handles.append(module.register_forward_pre_hook(gather, with_kwargs=True))
         self._handles.append(module.register_forward_hook(restore, with_kwargs=True, always_call=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from hermesd import memory
 from hermesd.errors import ConvertError
 from hermesd.store.manifest import Manifest, StageEntry, TiedRef
 from hermesd.store.safetensors_io import write_stage_file
+from hermesd.store.gguf_source import GGUFQuantSource
+from hermesd.store.quantized import is_quant_part, quantize_skeleton, stage_quant
 from hermesd.store.sources import GGUFSource, HFDirSource, RandomSource, Source
 from hermesd.store.stages import StageSpec, build_skeleton, find_stages
 from hermesd.store.verify import record_verified
@@ -39,17 +42,21 @@ class ConvertReport:
 
 
 def open_source(src: Path | None, gguf_file: str | None = None, random_config: Path | None = None,
-                seed: int = 0) -> Source:
-    """Pick the source kind from the arguments of ``hermesd convert``."""
+                seed: int = 0, dequantize: bool = False) -> Source:
+    """Pick the source kind from the arguments of ``hermesd convert``.
+
+    A GGUF file keeps its quantization (``GGUFQuantSource``) unless ``dequantize`` asks for the
+    float path through transformers (``GGUFSource``: holds the whole de-quantized model while converting).
+    """
     if random_config is not None:
         return RandomSource(Path(random_config), seed=seed)
     if src is None:
         raise ConvertError("a source directory (or --random-config) is required")
     src = Path(src)
     if src.is_file() and src.suffix == ".gguf":
-        return GGUFSource(src.parent, src.name)
+        src, gguf_file = src.parent, src.name
     if gguf_file:
-        return GGUFSource(src, gguf_file)
+        return GGUFSource(src, gguf_file) if dequantize else GGUFQuantSource(src / gguf_file)
     if not src.is_dir():
         raise ConvertError(f"{src}: no such model directory")
     return HFDirSource(src)
@@ -86,12 +93,17 @@ def _target_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
 
 def _write_store(source: Source, root: Path, dtype: torch.dtype, progress: ProgressFn | None) -> Manifest:
     model = build_skeleton(source.architecture, source.config, dtype)
+    quant_modules = getattr(source, "quant_modules", None)
+    metas = quant_modules(model) if quant_modules is not None else {}
+    quantize_skeleton(model, metas, dtype)
     specs = find_stages(model)
     owners = _owners(specs)
     entries = []
     for index, spec in enumerate(specs):
-        tensors = {name: _cast(t, dtype) for name, t in source.stage_tensors(model, spec, index).items()}
-        entries.append(_write_stage(root, index, spec, tensors, owners))
+        tensors = {name: t if is_quant_part(_full(spec, name), metas) else _cast(t, dtype)
+                   for name, t in source.stage_tensors(model, spec, index).items()}
+        quant = stage_quant(spec.module, metas, [*spec.owned, *spec.tied])
+        entries.append(_write_stage(root, index, spec, tensors, owners, quant))
         del tensors
         if progress:
             progress(index + 1, len(specs), spec.name, entries[-1].stored_bytes)
@@ -111,6 +123,10 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _full(spec: StageSpec, local: str) -> str:
+    return f"{spec.module}.{local}" if spec.module else local
+
+
 def _owners(specs: list[StageSpec]) -> dict[str, TiedRef]:
     """Full state-dict name -> (stage, local name) of every stored tensor, to resolve tied references."""
     return {
@@ -120,13 +136,14 @@ def _owners(specs: list[StageSpec]) -> dict[str, TiedRef]:
 
 
 def _write_stage(root: Path, index: int, spec: StageSpec, tensors: dict[str, torch.Tensor],
-                 owners: dict[str, TiedRef]) -> StageEntry:
+                 owners: dict[str, TiedRef], quant: dict[str, dict]) -> StageEntry:
     relative = f"stages/{index:04d}-{re.sub(r'[^A-Za-z0-9._-]', '_', spec.name)}.safetensors"
-    written = write_stage_file(root / relative, tensors, last=spec.gather)
+    header = {f"hermesd.quant.{local}": json.dumps(meta, sort_keys=True) for local, meta in quant.items()}
+    written = write_stage_file(root / relative, tensors, last=spec.gather, metadata=header)
     tied = {local: owners[owner] for local, owner in spec.tied.items()}
     return StageEntry(name=spec.name, module=spec.module, kind=spec.kind, file=relative, bytes=written.bytes,
                       data_start=written.data_start, sha256=written.sha256, tensors=written.tensors,
-                      tied=tied, gather=list(spec.gather))
+                      tied=tied, gather=list(spec.gather), quant=quant)
 
 
 def _replace(partial: Path, dest: Path) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from hermesd.errors import StoreError
 
-FORMAT_VERSION = 1
+# 1: float stores. 2: adds ``StageEntry.quant`` (weights kept quantized); version 1 stores still read.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 # Bytes per element of the safetensors dtype names we write and read.
@@ -54,6 +55,9 @@ class StageEntry:
     every block: embeddings, final norm, heads) or ``pinned`` (parameters owned directly by a module
     that contains blocks; they are few and always stay resident).
     ``gather`` names embedding tables read row by row for the tokens of a batch, never whole.
+    ``quant`` maps local module paths (``""``: the stage's module) to the ``QuantMeta`` (as a dict)
+    of modules whose weight is stored quantized: their tensors are ``<path>.qweight``,
+    ``.scales`` and, by format, ``.zeros``/``.super_scales`` (stored here or tied).
     """
 
     name: str
@@ -66,6 +70,12 @@ class StageEntry:
     tensors: dict[str, TensorEntry]
     tied: dict[str, TiedRef] = field(default_factory=dict)
     gather: list[str] = field(default_factory=list)
+    quant: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def quant_formats(self) -> list[str]:
+        """The quantized formats of this stage's modules (stored or tied), e.g. ``["Q4_K", "Q6_K"]``."""
+        return sorted({str(meta.get("format")) for meta in self.quant.values()})
 
     @property
     def stored_bytes(self) -> int:
@@ -152,4 +162,5 @@ def _stage_from_dict(raw: dict[str, Any]) -> StageEntry:
         name=raw["name"], module=raw["module"], kind=raw["kind"], file=raw["file"],
         bytes=int(raw["bytes"]), data_start=int(raw["data_start"]), sha256=raw["sha256"],
         tensors=tensors, tied=tied, gather=list(raw.get("gather", [])),
+        quant={str(k): dict(v) for k, v in raw.get("quant", {}).items()},
     )

@@ -41,8 +41,12 @@ class WrittenFile:
     tensors: dict[str, TensorEntry]
 
 
-def write_stage_file(path: Path, tensors: dict[str, torch.Tensor], last: list[str] = ()) -> WrittenFile:
-    """Write ``tensors`` to ``path`` as safetensors; names in ``last`` go at the end of the data."""
+def write_stage_file(path: Path, tensors: dict[str, torch.Tensor], last: list[str] = (),
+                     metadata: dict[str, str] | None = None) -> WrittenFile:
+    """Write ``tensors`` to ``path`` as safetensors; names in ``last`` go at the end of the data.
+
+    ``metadata``: extra string entries of the header's ``__metadata__`` (e.g. quantization metas).
+    """
     order = [n for n in tensors if n not in last] + [n for n in tensors if n in last]
     entries: dict[str, TensorEntry] = {}
     offset = 0
@@ -53,7 +57,7 @@ def write_stage_file(path: Path, tensors: dict[str, torch.Tensor], last: list[st
         nbytes = tensor.numel() * tensor.element_size()
         entries[name] = TensorEntry(TORCH_TO_ST[tensor.dtype], list(tensor.shape), (offset, offset + nbytes))
         offset += nbytes
-    header = _encode_header(entries)
+    header = _encode_header(entries, metadata or {})
     digest = hashlib.sha256()
     with open(path, "wb") as handle:
         for chunk in _file_chunks(header, tensors, order):
@@ -74,11 +78,11 @@ def _file_chunks(header: bytes, tensors: dict[str, torch.Tensor], order: list[st
             yield memoryview(flat.view(torch.uint8).numpy())
 
 
-def _encode_header(entries: dict[str, TensorEntry]) -> bytes:
+def _encode_header(entries: dict[str, TensorEntry], metadata: dict[str, str]) -> bytes:
     table = {
         name: {"dtype": e.dtype, "shape": e.shape, "data_offsets": list(e.offsets)} for name, e in entries.items()
     }
-    table["__metadata__"] = {"format": "pt", "writer": "hermesd"}
+    table["__metadata__"] = {**metadata, "format": "pt", "writer": "hermesd"}
     body = json.dumps(table, separators=(",", ":")).encode()
     padding = (-(8 + len(body))) % ALIGNMENT
     body += b" " * padding

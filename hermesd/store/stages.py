@@ -16,6 +16,7 @@ import transformers
 from torch import nn
 
 from hermesd.errors import UnsupportedModelError
+from hermesd.quant.embedding import QuantEmbedding
 
 # Embedding tables at least this large are gathered row by row instead of loaded whole.
 GATHER_MIN_BYTES = 1 << 20
@@ -157,9 +158,18 @@ def _stage_tensors(module: nn.Module, recurse: bool) -> Iterator[tuple[str, torc
 
 
 def _gatherable(module: nn.Module, owned: list[str]) -> list[str]:
-    """Local names of large plain ``nn.Embedding`` weights that can be read row by row."""
+    """Local names of large plain ``nn.Embedding`` weights that can be read row by row.
+
+    A ``QuantEmbedding`` gathers all its stored tensors (each is row-major along the vocabulary).
+    """
     names = []
     for prefix, sub in module.named_modules():
+        if isinstance(sub, QuantEmbedding):
+            parts = {(f"{prefix}.{s}" if prefix else s): t for s, t in sub.parts().items()}
+            size = sum(t.numel() * t.element_size() for t in parts.values())
+            if all(p in owned for p in parts) and size >= GATHER_MIN_BYTES:
+                names.extend(parts)
+            continue
         if type(sub).forward is not nn.Embedding.forward or sub.max_norm is not None:
             continue
         local = f"{prefix}.weight" if prefix else "weight"

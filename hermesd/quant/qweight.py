@@ -1,0 +1,247 @@
+"""The stored representation of a quantized Linear weight: a few plain tensors plus small metadata.
+
+A weight ``W[N, K]`` (N = out_features, K = in_features) of module ``<name>`` is kept in a stage's
+safetensors file as:
+
+=========================  ==================================================================
+``<name>.qweight``         codes. 4-bit: ``uint8[N, K/2]``, two codes a byte, in the packing the
+                           metadata names: ``rowmajor`` (low nibble = even k, portable) or the
+                           int4 kernel layout of the CPU that made the store (``halves32`` on
+                           AVX2 ...), which saves the conversion at every load on that CPU and is
+                           re-packed by the loader elsewhere. 5..8 bits: one code a byte,
+                           ``int8[N, K]`` for symmetric types (already centred), ``uint8[N, K]``
+                           for affine ones.
+``<name>.scales``          ``[N, K/group]``: fp16 scales, fp32 for ``int8`` (one per row), or the
+                           small integer sub-scales of the K-quants (uint8 Q4_K/Q5_K, int8 Q6_K).
+``<name>.zeros``           affine types only, ``[N, K/group]``: fp16 offsets (Q4_1, Q5_1, int4) or
+                           uint8 K-quant sub-mins.
+``<name>.super_scales``    K-quants only: fp16 ``[N, K/256, 2]`` (d, dmin) or ``[N, K/256, 1]`` (Q6_K d).
+=========================  ==================================================================
+
+Value of code ``q`` in group ``g`` (fp32): symmetric ``scale * (q - code_offset)``, affine
+``scale * q + zero``, where for K-quants ``scale = d * scales`` and ``zero = -(dmin * zeros)``.
+:class:`QuantMeta` (a JSON-able dict, stored in the safetensors header under ``hermesd.quant.<name>``)
+records which. Every GGML type keeps ggml's fp32 values bit for bit; 4-bit stores are within
+1.03x of the GGUF bytes, 5/6-bit ones cost one byte a code (see :func:`storage_ratio`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hermesd.errors import ConvertError
+from hermesd.quant.ggml_blocks import BLOCK_FORMATS, DecodedBlocks, decode_blocks, row_bytes, type_name
+from hermesd.quant.int4pack import ROWMAJOR, layout_from_tag, native_tag, pack_nibbles, repack
+
+META_PREFIX = "hermesd.quant."
+SUFFIXES = ("qweight", "scales", "zeros", "super_scales")
+OWN_FORMATS = ("int8", "int4")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantMeta:
+    """What a weight's stored tensors mean; ``to_dict``/``from_dict`` give a JSON-able form."""
+
+    format: str  # a GGML type name (Q4_0 ... Q6_K) or one of ours: int8, int4
+    shape: tuple[int, int]  # (N out_features, K in_features)
+    bits: int
+    group_size: int  # elements along K sharing a scale (K for one scale per row)
+    affine: bool  # zeros tensor present: w = scale*q + zero
+    code_offset: int = 0  # symmetric 4-bit: w = scale*(q - code_offset)
+    super_block: int = 0  # 256 for K-quants: scales are integers times super_scales
+    packing: str = ROWMAJOR  # 4-bit byte layout of qweight: rowmajor or an int4 kernel layout tag
+    version: int = FORMAT_VERSION
+
+    @property
+    def groups(self) -> int:
+        """Number of groups along K."""
+        return self.shape[1] // self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (lists for tuples)."""
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantMeta:
+        """Inverse of :meth:`to_dict`; :class:`ConvertError` for a version or format we cannot read."""
+        if int(data.get("version", 0)) != FORMAT_VERSION:
+            raise ConvertError(f"quantized weight metadata version {data.get('version')} is not {FORMAT_VERSION}")
+        if data.get("format") not in {*BLOCK_FORMATS, *OWN_FORMATS}:
+            raise ConvertError(f"unsupported quantized weight format {data.get('format')!r}")
+        layout_from_tag(data.get("packing", ROWMAJOR))  # raises for a packing we do not know
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["shape"] = tuple(int(v) for v in data["shape"])
+        return cls(**fields)
+
+    def to_json(self) -> str:
+        """Compact JSON for a safetensors header value (header values must be strings)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantMeta:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+def meta_key(name: str) -> str:
+    """Safetensors header key of the metadata of weight ``name`` (the module path)."""
+    return META_PREFIX + name
+
+
+def metas_from_header(metadata: dict[str, str] | None) -> dict[str, QuantMeta]:
+    """All quantized weights described in a safetensors header's ``__metadata__``, by module name."""
+    return {k[len(META_PREFIX):]: QuantMeta.from_json(v)
+            for k, v in (metadata or {}).items() if k.startswith(META_PREFIX)}
+
+
+@dataclass
+class QuantizedWeight:
+    """The stored tensors of one weight and their :class:`QuantMeta`."""
+
+    meta: QuantMeta
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    super_scales: torch.Tensor | None = None
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors to write for module ``name``: ``{"<name>.qweight": ..., ...}``."""
+        out = {f"{name}.{s}": getattr(self, s) for s in SUFFIXES}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_tensors(cls, meta: QuantMeta, tensors: dict[str, torch.Tensor], name: str) -> QuantizedWeight:
+        """Gather the tensors of ``name`` from a stage's tensors (views are kept, nothing is copied)."""
+        parts = {s: tensors.get(f"{name}.{s}") for s in SUFFIXES}
+        if parts["qweight"] is None or parts["scales"] is None:
+            raise ConvertError(f"quantized weight {name!r}: .qweight or .scales missing")
+        qw = cls(meta, parts["qweight"], parts["scales"], parts["zeros"], parts["super_scales"])  # type: ignore[arg-type]
+        check_tensors(qw)
+        return qw
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros,
+                                                           self.super_scales) if t is not None)
+
+    def repacked(self, packing: str) -> QuantizedWeight:
+        """The same weight with 4-bit codes in ``packing`` (a tag or ``native``); shares other tensors."""
+        packing = resolve_packing(packing, self.meta.bits)
+        if packing == self.meta.packing:
+            return self
+        codes = repack(self.qweight, self.meta.packing, packing)
+        return dataclasses.replace(self, meta=dataclasses.replace(self.meta, packing=packing), qweight=codes)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``[N, K]`` (fp32 values are ggml's, bit for bit, for GGUF sources)."""
+        from hermesd.quant.dequant import dequantize
+
+        return dequantize(self, dtype=dtype)
+
+
+def expected_shapes(meta: QuantMeta) -> dict[str, tuple[int, ...]]:
+    """Shape of each stored tensor for ``meta``."""
+    n, k = meta.shape
+    shapes: dict[str, tuple[int, ...]] = {"qweight": (n, k // 2) if meta.bits == 4 else (n, k),
+                                          "scales": (n, meta.groups)}
+    if meta.affine:
+        shapes["zeros"] = (n, meta.groups)
+    if meta.super_block:
+        shapes["super_scales"] = (n, k // meta.super_block, 2 if meta.affine else 1)
+    return shapes
+
+
+def expected_dtypes(meta: QuantMeta) -> dict[str, torch.dtype]:
+    """Dtype of each stored tensor for ``meta``."""
+    n, k = meta.shape
+    qweight = torch.uint8 if meta.bits == 4 or meta.affine else torch.int8
+    if meta.super_block:
+        scales = torch.uint8 if meta.affine else torch.int8
+    else:
+        scales = torch.float32 if meta.format == "int8" and meta.group_size == k else torch.float16
+    zeros = torch.uint8 if meta.super_block else torch.float16
+    return {"qweight": qweight, "scales": scales, "zeros": zeros, "super_scales": torch.float16}
+
+
+def check_tensors(qw: QuantizedWeight) -> None:
+    """Raise :class:`ConvertError` when the tensors lack the shapes/dtypes ``qw.meta`` implies."""
+    dtypes = expected_dtypes(qw.meta)
+    for suffix, shape in expected_shapes(qw.meta).items():
+        t = getattr(qw, suffix)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtypes[suffix]:
+            got = None if t is None else (tuple(t.shape), t.dtype)
+            raise ConvertError(f"{qw.meta.format} weight {qw.meta.shape}: .{suffix} is {got}, "
+                               f"expected {(shape, dtypes[suffix])}")
+
+
+def _codes_tensor(dec: DecodedBlocks) -> torch.Tensor:
+    """Stored codes: nibble-packed for 4 bits, centred int8 for symmetric wider types, else uint8."""
+    codes = torch.from_numpy(np.ascontiguousarray(dec.codes))
+    if dec.fmt.bits == 4:
+        return pack_nibbles(codes)
+    if not dec.fmt.affine:  # q - offset fits int8 for Q5_0 (16), Q6_K (32) and Q8_0 (128)
+        return (codes.to(torch.int16) - dec.fmt.code_offset).to(torch.int8)
+    return codes
+
+
+def resolve_packing(packing: str, bits: int) -> str:
+    """The packing tag to store: ``native`` means this CPU's int4 kernel layout; wider codes are row-major."""
+    if bits != 4:
+        return ROWMAJOR
+    tag = native_tag() if packing == "native" else packing
+    layout_from_tag(tag)
+    return tag
+
+
+def gguf_meta(ggml_type: object, shape: tuple[int, int], packing: str = ROWMAJOR) -> QuantMeta:
+    """The :class:`QuantMeta` of ``from_gguf(raw, ggml_type, shape, packing)``, without reading data."""
+    name = type_name(ggml_type)
+    fmt = BLOCK_FORMATS.get(name)
+    if fmt is None:
+        raise ConvertError(f"{name} is not a quantized GGML type hermesd keeps")
+    n, k = int(shape[0]), int(shape[1])
+    if k % fmt.block_size:
+        raise ConvertError(f"{name} tensor of shape {shape}: rows of {k} are not whole {fmt.block_size}-element blocks")
+    packing = resolve_packing(packing, fmt.bits) if fmt.bits == 4 and n % 16 == 0 else ROWMAJOR
+    return QuantMeta(fmt.name, (n, k), fmt.bits, fmt.group_size, fmt.affine,
+                     fmt.code_offset if fmt.bits == 4 else 0, 256 if fmt.super_block else 0, packing)
+
+
+def from_gguf(raw: np.ndarray, ggml_type: object, shape: tuple[int, int], packing: str = "native") -> QuantizedWeight:
+    """Stored form of a GGUF tensor from its raw blocks ``uint8[N, row_bytes]``, exact (no re-quantizing).
+
+    ``shape`` is ``(N, K)``; GGUF lists it the other way round (``ne0 = K`` first). ``packing`` of
+    4-bit codes: ``native`` (this CPU's int4 kernel layout, the measured default: no conversion at
+    load here), ``rowmajor`` (portable) or an explicit kernel layout tag.
+    """
+    n, k = int(shape[0]), int(shape[1])
+    name = type_name(ggml_type)
+    if np.asarray(raw).size != n * row_bytes(name, k):
+        raise ConvertError(f"{name} tensor of shape {shape}: {np.asarray(raw).size} bytes, "
+                           f"expected {n * row_bytes(name, k)}")
+    dec = decode_blocks(np.asarray(raw).reshape(n, -1), name, k)
+    meta = gguf_meta(name, (n, k))
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    qw = QuantizedWeight(meta, _codes_tensor(dec), tensor(dec.scales), tensor(dec.zeros),  # type: ignore[arg-type]
+                         tensor(dec.super_scales))
+    check_tensors(qw)
+    return qw.repacked(packing) if qw.meta.bits == 4 and qw.meta.shape[0] % 16 == 0 else qw
+
+
+def storage_ratio(qw: QuantizedWeight) -> float:
+    """Stored bytes over the GGUF bytes of the same tensor (GGML formats only)."""
+    n, k = qw.meta.shape
+    return qw.nbytes / (n * row_bytes(qw.meta.format, k))
