@@ -1,0 +1,242 @@
+"""Quantized stores against the bf16 store: decode speed and bytes per token under a memory cap.
+
+    python -m bench.quantized [--work DIR] [--cap 734MiB] [--rounds 2] [--json]
+
+One run compares, alternating and each cold (page cache evicted) in a fresh process under a real
+cgroup cap: the TinyLlama-1.1B-shape store in bf16 (the suite's Llama scenario) and the same shape as
+GGUF Q8_0 and Q4_0 files (random weights written with ``gguf.quants``) imported with their blocks
+kept. Each child plans with ``hermesd.load(store, memory_budget=BUDGET)`` and runs a 128-token prompt
+plus 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds,
+decode tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills;
+and uncapped, with the automatic budget: decode tokens/s with nothing streamed after the first pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cgroup import MemoryGroup, unavailable_reason
+from bench.harness import emit_json_line, evict, machine_facts, median, run_json_child, weight_files
+from hermesd.units import format_size, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "bench" / "configs" / "tinyllama-1.1b.json"
+PROMPT, NEW = 128, 32
+
+CHILD = r"""
+import json, sys, time, torch
+import hermesd
+from bench.harness import proc_read_bytes, vm_hwm_bytes
+from bench.scenarios import Scenario, Source
+from bench.workloads import make_inputs, run_workload
+store, budget, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+read0 = proc_read_bytes()
+started = time.perf_counter()
+engine = hermesd.load(store, memory_budget=None if budget == "auto" else budget)
+load_s = time.perf_counter() - started
+scenario = Scenario("q", "", "", Source("random", ""), "LlamaForCausalLM", "generate", tokens=prompt, new_tokens=new)
+inputs = make_inputs(scenario, engine.model.config.vocab_size, torch.float32)
+timings, out = run_workload(engine.model, scenario, inputs)
+stats, plan = engine.stats, engine.plan
+streamed = stats.bytes_read - stats.gathered_bytes
+print(json.dumps({"ok": True, "load_s": load_s, **timings, "streamed_bytes": streamed,
+                  "bytes_per_pass": streamed / max(stats.passes, 1), "passes": stats.passes,
+                  "resident": len(plan.resident), "stages": len(plan.resident) + len(plan.streamed),
+                  "prefetch": plan.prefetch, "budget": plan.budget, "peak_rss_bytes": vm_hwm_bytes(),
+                  "bytes_read": proc_read_bytes() - read0, "tokens": out[0].tolist()}))
+"""
+
+
+def _hermesd(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "hermesd.cli", *args], check=True, cwd=ROOT)
+
+
+def _write_gguf(path: Path, qtype: str) -> None:
+    """A TinyLlama-shape GGUF with random weights, every 2-D weight in ``qtype`` (norms F32)."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGMLQuantizationType
+
+    cfg = json.loads(CONFIG.read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+    kv_dim = hidden // heads * kv_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
+    writer.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>" for i in range(vocab)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([1] * vocab)
+    rng = np.random.default_rng(0)
+    kind = GGMLQuantizationType[qtype]
+
+    def add(name: str, shape: tuple[int, ...], quantized: bool = True) -> None:
+        data = (rng.standard_normal(shape, dtype=np.float32) * 0.02) if quantized else np.ones(shape, np.float32)
+        if quantized:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+
+    add("token_embd.weight", (vocab, hidden))
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_dim, hidden)), ("attn_v", (kv_dim, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (inter, hidden)),
+                            ("ffn_up", (inter, hidden)), ("ffn_down", (hidden, inter))):
+            add(f"blk.{i}.{name}.weight", shape)
+        add(f"blk.{i}.attn_norm.weight", (hidden,), quantized=False)
+        add(f"blk.{i}.ffn_norm.weight", (hidden,), quantized=False)
+    add("output_norm.weight", (hidden,), quantized=False)
+    add("output.weight", (vocab, hidden))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """The three stores (made once, kept in ``work``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    stores = {"bf16": work / "tinyllama-bf16", "q8_0": work / "tinyllama-q8_0", "q4_0": work / "tinyllama-q4_0"}
+    if not (stores["bf16"] / "manifest.json").exists():
+        _hermesd("convert", "--random-config", str(CONFIG), str(stores["bf16"]), "--dtype", "bf16", "--quiet", "--force")
+    for qtype in ("Q8_0", "Q4_0"):
+        store = stores[qtype.lower()]
+        if (store / "manifest.json").exists():
+            continue
+        source = work / f"tinyllama-{qtype}.gguf"
+        if not source.exists():
+            print(f"writing {source} (random weights, {qtype})", file=sys.stderr, flush=True)
+            _write_gguf(source, qtype)
+        _hermesd("convert", str(source), str(store), "--quiet", "--force")
+    return stores
+
+
+def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800) -> dict[str, Any]:
+    """One cold run of ``store`` in a fresh child, under a cgroup cap of ``cap`` bytes (None: uncapped)."""
+    evict(weight_files(store))
+    command = [sys.executable, "-c", CHILD, str(store), budget, str(PROMPT), str(NEW)]
+    if cap is None:
+        return run_json_child(command, timeout, cwd=ROOT)
+    with MemoryGroup(cap) as group:
+        result = run_json_child(command, timeout, cwd=ROOT, preexec_fn=group.join)
+        record = group.record()
+    return {**result, "group_peak_bytes": record.peak_bytes, "oom_kills": record.oom_kills}
+
+
+def summarise(runs: list[dict[str, Any]], read_gbps: float) -> dict[str, Any]:
+    ok = [r for r in runs if r.get("ok")]
+    if not ok:
+        return {"ok": False, "error": runs[-1].get("error") if runs else "no run"}
+    per_step = median(r["bytes_per_pass"] for r in ok)
+    decode = median(r["decode_tokens_per_s"] for r in ok)
+    bound = read_gbps * 1e9 / per_step if per_step else None
+    return {"ok": True, "prompt_s": median(r["prefill_s"] for r in ok), "decode_tokens_per_s": decode,
+            "bytes_per_step": per_step, "disk_bound_tokens_per_s": bound,
+            "of_disk_bound": decode / bound if bound else None,
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
+            "oom_kills": sum(r.get("oom_kills", 0) for r in runs), "resident": ok[0]["resident"],
+            "stages": ok[0]["stages"], "prefetch": ok[0]["prefetch"], "runs": len(ok), "tokens": ok[0]["tokens"]}
+
+
+def cold_read_gbps(store: Path) -> float:
+    """GB/s of a cold buffered read of the store's largest stage files (the disk bound's numerator)."""
+    files = sorted(weight_files(store), key=lambda p: -p.stat().st_size)[:6]
+    evict(files)
+    started, total = time.perf_counter(), 0
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while chunk := handle.read(16 << 20):
+                total += len(chunk)
+    evict(files)
+    return total / (time.perf_counter() - started) / 1e9
+
+
+def run_suite(work: Path, cap: int, budget: str, rounds: int) -> dict[str, Any]:
+    stores = prepare(work)
+    read_gbps = cold_read_gbps(stores["bf16"])
+    capped: dict[str, list[dict[str, Any]]] = {name: [] for name in stores}
+    for round_number in range(rounds):  # alternate contenders, so drift hits them alike
+        for name, store in stores.items():
+            print(f"round {round_number + 1}/{rounds}: {name} under {format_size(cap)}", file=sys.stderr, flush=True)
+            capped[name].append(run_one(store, budget, cap))
+    uncapped = {}
+    for name, store in stores.items():
+        print(f"uncapped, automatic budget: {name}", file=sys.stderr, flush=True)
+        uncapped[name] = run_one(store, "auto", None)
+    summary = {name: summarise(runs, read_gbps) for name, runs in capped.items()}
+    for name, store in stores.items():
+        summary[name]["store_bytes"] = sum(p.stat().st_size for p in weight_files(store))
+        run = uncapped[name]
+        summary[name]["auto"] = {k: run.get(k) for k in ("ok", "decode_tokens_per_s", "prefill_s", "resident",
+                                                          "stages", "streamed_bytes", "passes", "peak_rss_bytes")}
+        if run.get("ok") and run.get("decode_tokens_per_s"):
+            # weights read per decoded token when everything is resident: the store's bytes
+            summary[name]["auto"]["weight_gbps"] = summary[name]["store_bytes"] * run["decode_tokens_per_s"] / 1e9
+    base = summary["bf16"].get("decode_tokens_per_s")
+    for name in stores:
+        mine = summary[name].get("decode_tokens_per_s")
+        summary[name]["decode_vs_bf16"] = mine / base if mine and base else None
+        same = summary[name].get("tokens") == uncapped[name].get("tokens")
+        summary[name]["tokens_equal_resident"] = same if summary[name].get("ok") and uncapped[name].get("ok") else None
+        summary[name].pop("tokens", None)
+    return {"machine": machine_facts(), "cap_bytes": cap, "budget": budget, "read_gbps": read_gbps,
+            "rounds": rounds, "prompt_tokens": PROMPT, "new_tokens": NEW, "stores": summary}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"TinyLlama-1.1B shape, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens, "
+             f"cap {format_size(report['cap_bytes'])}, budget {report['budget']}, cold read "
+             f"{report['read_gbps']:.2f} GB/s, {report['rounds']} alternating rounds (medians)",
+             "| store | size | bytes/step | prompt s | decode tok/s | vs bf16 | of disk bound | peak RSS | OOM | "
+             "auto: decode tok/s | auto: weight GB/s | same tokens as resident |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, s in report["stores"].items():
+        if not s.get("ok"):
+            lines.append(f"| {name} | failed: {s.get('error')} |")
+            continue
+        auto = s["auto"]
+        lines.append(
+            f"| {name} | {format_size(s['store_bytes'])} | {format_size(int(s['bytes_per_step']))} | "
+            f"{s['prompt_s']:.2f} | {s['decode_tokens_per_s']:.2f} | {s['decode_vs_bf16']:.2f}x | "
+            f"{s['of_disk_bound']:.2f} | {format_size(s['peak_rss_bytes'])} | {s['oom_kills']} | "
+            f"{(auto.get('decode_tokens_per_s') or 0):.2f} | {(auto.get('weight_gbps') or 0):.2f} | "
+            f"{s['tokens_equal_resident']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quantized", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "quantized")
+    parser.add_argument("--cap", default="734MiB", help="cgroup memory cap (default 734MiB, the suite's Llama cap)")
+    parser.add_argument("--budget", default="680MiB", help="process budget each child plans with")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if (why := unavailable_reason()) is not None:
+        print(f"bench.quantized: {why}", file=sys.stderr)
+        return 1
+    report = run_suite(args.work, parse_size(args.cap), args.budget, args.rounds)
+    if args.json:
+        emit_json_line(report)
+    else:
+        print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
