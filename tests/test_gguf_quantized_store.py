@@ -140,10 +140,16 @@ def test_info_shows_quantization_and_bytes_per_token(tiny) -> None:
     assert "Q4_K, Q6_K quantized weights" in text and "streamed per token" in text and "quant:Q4_K" in text
 
 
-def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def smollm2_quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gguf = need(SMOLLM2)
-    store = tmp_path / "smollm2"
+    store = tmp_path_factory.mktemp("smollm2-q") / "smollm2"
     convert(open_source(gguf), store)
+    return gguf, store
+
+
+def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(smollm2_quantized) -> None:
+    gguf, store = smollm2_quantized
     manifest = Manifest.load(store)
     stored = sum((store / s.file).stat().st_size for s in manifest.stages)
     assert stored <= 1.15 * gguf.stat().st_size
@@ -156,6 +162,33 @@ def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(tmp_path: Pat
             out = engine.model.generate(ids, max_new_tokens=12, do_sample=False)
         answer = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_smollm2_quantized_runs_under_a_budget_the_float_store_cannot_meet(smollm2_quantized) -> None:
+    # 560 MiB is below the fp32 store's minimum here (588 MiB: runtime + its 113 MiB tied head in the
+    # ring); the quantized store streams 92 MiB a token. Fresh process: the budget covers all of it.
+    _, store = smollm2_quantized
+    command = [sys.executable, "-m", "hermesd.cli", "run", str(store), "--task", "generate", "--json",
+               "--memory-budget", "560MiB", "--max-new-tokens", "12", "What is the capital of France?"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert "Paris" in report["result"]["text"]
+    assert report["stats"]["peak_rss_bytes"] <= report["plan"]["budget"] == 560 << 20
+
+
+def test_cli_converts_a_gguf_named_inside_a_directory(tmp_path: Path) -> None:
+    src = need(TINY["Q5_K_M"])
+    dest = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src.parent), str(dest),
+                           "--gguf-file", src.name, "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    manifest = Manifest.load(dest)
+    assert report["stages"] == len(manifest.stages) == 7 and report["peak_rss_bytes"] > 0
+    assert report["weight_bytes"] == manifest.weight_bytes()
+    assert manifest.source["quantized"] is True and manifest.source["path"] == str(src)
+    assert (dest / "tokenizer.json").is_file() and not list(tmp_path.glob(".store.partial-*"))
 
 
 # ---- bad input: one clear error, exit 1, nothing left behind ------------------------------------
