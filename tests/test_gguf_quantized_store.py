@@ -229,6 +229,16 @@ def test_dequantize_flag_keeps_the_float_path(tmp_path: Path) -> None:
     convert(source, store)
     manifest = Manifest.load(store)
     assert not any(stage.quant for stage in manifest.stages) and manifest.dtype == "float32"
+    with hermesd.load(store) as engine, torch.inference_mode():
+        logits = engine.model(PROMPT).logits
+    # a version 1 store (written before quantized stores existed: no "quant" fields) still reads
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["format_version"] = 1
+    for stage in raw["stages"]:
+        del stage["quant"]
+    (store / "manifest.json").write_text(json.dumps(raw))
+    with hermesd.load(store) as engine, torch.inference_mode():
+        assert torch.equal(engine.model(PROMPT).logits, logits)
 
 
 # ---- other architectures: files of random weights written here -----------------------------------
