@@ -164,6 +164,15 @@ def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(smollm2_quant
     assert "Paris" in answer, answer
 
 
+def test_smollm2_convert_never_holds_the_float_model(tmp_path: Path) -> None:
+    # Fresh process, one tensor at a time: the peak is the interpreter with torch and transformers
+    # (~350 MiB), the tokenizer build and one decoded tensor -- not the 513 MiB fp32 model that
+    # --dequantize holds (1.1 GiB peak measured here).
+    done = _cli_convert(need(SMOLLM2), tmp_path / "store", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["peak_rss_bytes"] < 700 << 20
+
+
 def test_smollm2_quantized_runs_under_a_budget_the_float_store_cannot_meet(smollm2_quantized) -> None:
     # 560 MiB is below the fp32 store's minimum here (588 MiB: runtime + its 113 MiB tied head in the
     # ring); the quantized store streams 92 MiB a token. Fresh process: the budget covers all of it.
@@ -193,8 +202,8 @@ def test_cli_converts_a_gguf_named_inside_a_directory(tmp_path: Path) -> None:
 
 # ---- bad input: one clear error, exit 1, nothing left behind ------------------------------------
 
-def _cli_convert(src: Path, dest: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src), str(dest), "--quiet"],
+def _cli_convert(src: Path, dest: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src), str(dest), "--quiet", *options],
                           capture_output=True, text=True, timeout=300)
 
 
