@@ -289,3 +289,26 @@ def test_other_architectures_match_transformers(tmp_path: Path, arch: str) -> No
             logits, tokens = engine.model(ids).logits, _greedy(engine.model, ids, 8)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, want_tokens)
+
+
+# ---- QuantEmbedding on its own ------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_quant_embedding_rows_are_ggmls_values(qtype: str) -> None:
+    import dataclasses
+
+    import gguf
+
+    from hermesd.errors import ConvertError
+    from hermesd.quant.qweight import from_gguf
+
+    weights = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype])
+    qw = from_gguf(raw, qtype, (64, 256), packing="rowmajor")
+    table = QuantEmbedding(qw.meta, device="meta")
+    table.load_state_dict({name[1:]: t for name, t in qw.tensors("").items()}, assign=True)
+    ids = torch.tensor([[3, 5, 3, 63, 0], [1, 1, 2, 62, 5]])
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(64, 256))
+    assert torch.equal(table(ids), want[ids])  # bit for bit, repeated ids included
+    with pytest.raises(ConvertError, match="row-major"):
+        QuantEmbedding(dataclasses.replace(qw.meta, packing="halves32"))
