@@ -148,6 +148,7 @@ def smollm2_quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     return gguf, store
 
 
+@pytest.mark.slow  # the real bundled model
 def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(smollm2_quantized) -> None:
     gguf, store = smollm2_quantized
     manifest = Manifest.load(store)
@@ -164,6 +165,7 @@ def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(smollm2_quant
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow  # the real bundled model
 def test_smollm2_convert_never_holds_the_float_model(tmp_path: Path) -> None:
     # Fresh process, one tensor at a time: the peak is the interpreter with torch and transformers
     # (~350 MiB), the tokenizer build and one decoded tensor -- not the 513 MiB fp32 model that
@@ -173,6 +175,7 @@ def test_smollm2_convert_never_holds_the_float_model(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["peak_rss_bytes"] < 700 << 20
 
 
+@pytest.mark.slow  # the real bundled model
 def test_smollm2_quantized_runs_under_a_budget_the_float_store_cannot_meet(smollm2_quantized) -> None:
     # 560 MiB is below the fp32 store's minimum here (588 MiB: runtime + its 113 MiB tied head in the
     # ring); the quantized store streams 92 MiB a token. Fresh process: the budget covers all of it.
