@@ -140,10 +140,17 @@ def test_info_shows_quantization_and_bytes_per_token(tiny) -> None:
     assert "Q4_K, Q6_K quantized weights" in text and "streamed per token" in text and "quant:Q4_K" in text
 
 
-def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def smollm2_quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     gguf = need(SMOLLM2)
-    store = tmp_path / "smollm2"
+    store = tmp_path_factory.mktemp("smollm2-q") / "smollm2"
     convert(open_source(gguf), store)
+    return gguf, store
+
+
+@pytest.mark.slow  # the real bundled model
+def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(smollm2_quantized) -> None:
+    gguf, store = smollm2_quantized
     manifest = Manifest.load(store)
     stored = sum((store / s.file).stat().st_size for s in manifest.stages)
     assert stored <= 1.15 * gguf.stat().st_size
@@ -158,10 +165,48 @@ def test_smollm2_q4_1_store_answers_paris_and_stays_the_files_size(tmp_path: Pat
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow  # the real bundled model
+def test_smollm2_convert_never_holds_the_float_model(tmp_path: Path) -> None:
+    # Fresh process, one tensor at a time: the peak is the interpreter with torch and transformers
+    # (~350 MiB), the tokenizer build and one decoded tensor -- not the 513 MiB fp32 model that
+    # --dequantize holds (1.1 GiB peak measured here).
+    done = _cli_convert(need(SMOLLM2), tmp_path / "store", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["peak_rss_bytes"] < 700 << 20
+
+
+@pytest.mark.slow  # the real bundled model
+def test_smollm2_quantized_runs_under_a_budget_the_float_store_cannot_meet(smollm2_quantized) -> None:
+    # 560 MiB is below the fp32 store's minimum here (588 MiB: runtime + its 113 MiB tied head in the
+    # ring); the quantized store streams 92 MiB a token. Fresh process: the budget covers all of it.
+    _, store = smollm2_quantized
+    command = [sys.executable, "-m", "hermesd.cli", "run", str(store), "--task", "generate", "--json",
+               "--memory-budget", "560MiB", "--max-new-tokens", "12", "What is the capital of France?"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert "Paris" in report["result"]["text"]
+    assert report["stats"]["peak_rss_bytes"] <= report["plan"]["budget"] == 560 << 20
+
+
+def test_cli_converts_a_gguf_named_inside_a_directory(tmp_path: Path) -> None:
+    src = need(TINY["Q5_K_M"])
+    dest = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src.parent), str(dest),
+                           "--gguf-file", src.name, "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    manifest = Manifest.load(dest)
+    assert report["stages"] == len(manifest.stages) == 7 and report["peak_rss_bytes"] > 0
+    assert report["weight_bytes"] == manifest.weight_bytes()
+    assert manifest.source["quantized"] is True and manifest.source["path"] == str(src)
+    assert (dest / "tokenizer.json").is_file() and not list(tmp_path.glob(".store.partial-*"))
+
+
 # ---- bad input: one clear error, exit 1, nothing left behind ------------------------------------
 
-def _cli_convert(src: Path, dest: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src), str(dest), "--quiet"],
+def _cli_convert(src: Path, dest: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(src), str(dest), "--quiet", *options],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -196,6 +241,16 @@ def test_dequantize_flag_keeps_the_float_path(tmp_path: Path) -> None:
     convert(source, store)
     manifest = Manifest.load(store)
     assert not any(stage.quant for stage in manifest.stages) and manifest.dtype == "float32"
+    with hermesd.load(store) as engine, torch.inference_mode():
+        logits = engine.model(PROMPT).logits
+    # a version 1 store (written before quantized stores existed: no "quant" fields) still reads
+    raw = json.loads((store / "manifest.json").read_text())
+    raw["format_version"] = 1
+    for stage in raw["stages"]:
+        del stage["quant"]
+    (store / "manifest.json").write_text(json.dumps(raw))
+    with hermesd.load(store) as engine, torch.inference_mode():
+        assert torch.equal(engine.model(PROMPT).logits, logits)
 
 
 # ---- other architectures: files of random weights written here -----------------------------------
@@ -237,3 +292,26 @@ def test_other_architectures_match_transformers(tmp_path: Path, arch: str) -> No
             logits, tokens = engine.model(ids).logits, _greedy(engine.model, ids, 8)
     torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens, want_tokens)
+
+
+# ---- QuantEmbedding on its own ------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_quant_embedding_rows_are_ggmls_values(qtype: str) -> None:
+    import dataclasses
+
+    import gguf
+
+    from hermesd.errors import ConvertError
+    from hermesd.quant.qweight import from_gguf
+
+    weights = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype])
+    qw = from_gguf(raw, qtype, (64, 256), packing="rowmajor")
+    table = QuantEmbedding(qw.meta, device="meta")
+    table.load_state_dict({name[1:]: t for name, t in qw.tensors("").items()}, assign=True)
+    ids = torch.tensor([[3, 5, 3, 63, 0], [1, 1, 2, 62, 5]])
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(64, 256))
+    assert torch.equal(table(ids), want[ids])  # bit for bit, repeated ids included
+    with pytest.raises(ConvertError, match="row-major"):
+        QuantEmbedding(dataclasses.replace(qw.meta, packing="halves32"))

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hermesd.errors import ConvertError
 from hermesd.quant.dequant import dequantize
+from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
 
 
@@ -31,6 +33,8 @@ class QuantEmbedding(nn.Module):
     def __init__(self, qmeta: QuantMeta, out_dtype: torch.dtype = torch.float32, padding_idx: int | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
+        if qmeta.packing != ROWMAJOR:  # kernel layouts mix rows within a byte: rows could not be picked
+            raise ConvertError(f"a quantized embedding table needs row-major codes, not {qmeta.packing!r}")
         self.qmeta = qmeta
         self.num_embeddings, self.embedding_dim = qmeta.shape
         self.out_dtype = out_dtype
