@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -153,14 +154,24 @@ def summarise(runs: list[dict[str, Any]], read_gbps: float) -> dict[str, Any]:
 
 
 def cold_read_gbps(store: Path) -> float:
-    """GB/s of a cold buffered read of the store's largest stage files (the disk bound's numerator)."""
+    """GB/s of cold O_DIRECT reads of the store's largest stage files: how the engine reads them.
+
+    (Buffered cold reads measured 0.27-0.47 GB/s on this VM against 1.7 GB/s direct, so a buffered
+    number would understate the disk bound fourfold.)
+    """
+    import mmap
+
     files = sorted(weight_files(store), key=lambda p: -p.stat().st_size)[:6]
     evict(files)
+    buffer = mmap.mmap(-1, 16 << 20)
     started, total = time.perf_counter(), 0
     for path in files:
-        with open(path, "rb", buffering=0) as handle:
-            while chunk := handle.read(16 << 20):
-                total += len(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while (got := os.readv(fd, [buffer])) > 0:
+                total += got
+        finally:
+            os.close(fd)
     evict(files)
     return total / (time.perf_counter() - started) / 1e9
 
