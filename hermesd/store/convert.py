@@ -15,10 +15,10 @@ import torch
 
 from hermesd import memory
 from hermesd.errors import ConvertError
-from hermesd.store.manifest import Manifest, StageEntry, TiedRef
-from hermesd.store.safetensors_io import write_stage_file
 from hermesd.store.gguf_source import GGUFQuantSource
+from hermesd.store.manifest import Manifest, StageEntry, TiedRef
 from hermesd.store.quantized import is_quant_part, quantize_skeleton, stage_quant
+from hermesd.store.safetensors_io import write_stage_file
 from hermesd.store.sources import GGUFSource, HFDirSource, RandomSource, Source
 from hermesd.store.stages import StageSpec, build_skeleton, find_stages
 from hermesd.store.verify import record_verified

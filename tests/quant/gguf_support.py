@@ -18,8 +18,15 @@ from hermesd.quant.gguf_file import SUPPORTED_TYPES, GGUFModelFile, open_gguf
 
 transformers.logging.disable_progress_bar()
 
-TESTDATA = Path("/work/shared/testdata/gguf")
+# shared/ lies beside the checkout (as on the dev machines and in CI): ../shared/testdata/gguf
+TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "gguf"
 TINY = {"Q4_K_M": TESTDATA / "tiny-llama-Q4_K_M.gguf", "Q5_K_M": TESTDATA / "tiny-llama-Q5_K_M.gguf"}
+
+
+
+def float_bits(a: np.ndarray) -> np.ndarray:
+    """The fp32 bit patterns of ``a``: equality of these is bit-exactness (signed zeros included)."""
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 def _smollm2() -> Path | None:

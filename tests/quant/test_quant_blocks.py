@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
+
+from gguf_support import TESTDATA as GGUF_DIR
+from gguf_support import float_bits  # noqa: E402
 
 from hermesd.errors import ConvertError  # noqa: E402
 from hermesd.quant.ggml_blocks import (  # noqa: E402
@@ -19,12 +20,7 @@ from hermesd.quant.ggml_blocks import (  # noqa: E402
     row_bytes,
 )
 
-GGUF_DIR = Path("/work/shared/testdata/gguf")
 SIMPLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 def _weights(n: int = 48, k: int = 512, seed: int = 0) -> np.ndarray:
@@ -58,24 +54,24 @@ def test_simple_types_bit_exact(qtype: str) -> None:
     raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
     expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
     got = dequantize_blocks(raw, qtype, w.shape[1])
-    assert np.array_equal(_bits(got), _bits(expected))  # signed zeros included
+    assert np.array_equal(float_bits(got), float_bits(expected))  # signed zeros included
     dec = decode_blocks(raw, qtype, w.shape[1])
     assert dec.codes.shape == w.shape and int(dec.codes.max()) < 1 << block_format(qtype).bits
 
 
-@pytest.mark.skipif(not KQUANTS, reason="K-quant test files missing from /work/shared/testdata/gguf")
+@pytest.mark.skipif(not KQUANTS, reason="K-quant test files missing from ../shared/testdata/gguf")
 def test_kquant_tensors_bit_exact() -> None:
     seen = set()
     for t in KQUANTS:
         k = int(t.shape[0])  # GGUF lists ne0 (K, the contiguous axis) first
         expected = gguf.quants.dequantize(t.data, t.tensor_type)
         got = dequantize_blocks(t.data, t.tensor_type, k)
-        assert np.array_equal(_bits(got), _bits(expected)), t.name
+        assert np.array_equal(float_bits(got), float_bits(expected)), t.name
         seen.add(t.tensor_type.name)
     assert seen == {"Q4_K", "Q5_K", "Q6_K"}
 
 
-@pytest.mark.skipif(not KQUANTS, reason="K-quant test files missing from /work/shared/testdata/gguf")
+@pytest.mark.skipif(not KQUANTS, reason="K-quant test files missing from ../shared/testdata/gguf")
 def test_kquant_factor_ranges() -> None:
     q6 = next(t for t in KQUANTS if t.tensor_type.name == "Q6_K")
     dec = decode_blocks(q6.data, "Q6_K", int(q6.shape[0]))

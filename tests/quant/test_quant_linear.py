@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +21,15 @@ from torch import nn
 
 gguf = pytest.importorskip("gguf")
 
+from gguf_support import TESTDATA as GGUF_DIR  # noqa: E402
+
 from hermesd.quant.cpu import default_policy  # noqa: E402
 from hermesd.quant.int4pack import int4_kernel_available, native_tag  # noqa: E402
 from hermesd.quant.kernels import int8_kernel_available  # noqa: E402
 from hermesd.quant.linear import QuantLinear, quantize_linear  # noqa: E402
-from hermesd.quant.qweight import QuantizedWeight, from_gguf  # noqa: E402
 from hermesd.quant.quantizer import quantize  # noqa: E402
+from hermesd.quant.qweight import QuantizedWeight, from_gguf  # noqa: E402
 
-GGUF_DIR = Path("/work/shared/testdata/gguf")
 KQUANT_SOURCES = {"Q4_K": ("tiny-llama-Q4_K_M.gguf", "blk.0.ffn_up.weight"),
                   "Q5_K": ("tiny-llama-Q5_K_M.gguf", "blk.0.ffn_up.weight"),
                   "Q6_K": ("tiny-llama-Q4_K_M.gguf", "blk.2.ffn_down.weight")}

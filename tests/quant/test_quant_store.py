@@ -10,6 +10,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from gguf_support import TESTDATA as GGUF_DIR
+from gguf_support import float_bits  # noqa: E402
+
 from hermesd.errors import ConvertError  # noqa: E402
 from hermesd.quant.qweight import (  # noqa: E402
     QuantizedWeight,
@@ -21,12 +24,7 @@ from hermesd.quant.qweight import (  # noqa: E402
     storage_ratio,
 )
 
-GGUF_DIR = Path("/work/shared/testdata/gguf")
 SIMPLE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
 def _simple(qtype: str, n: int = 32, k: int = 256) -> tuple[np.ndarray, QuantizedWeight]:
@@ -53,17 +51,17 @@ KQ = _kquants()
 def test_simple_import_is_exact(qtype: str) -> None:
     raw, qw = _simple(qtype)
     expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
-    assert np.array_equal(_bits(qw.dequantize().numpy()), _bits(expected))
+    assert np.array_equal(float_bits(qw.dequantize().numpy()), float_bits(expected))
 
 
-@pytest.mark.skipif(len(KQ) < 3, reason="K-quant test files missing from /work/shared/testdata/gguf")
+@pytest.mark.skipif(len(KQ) < 3, reason="K-quant test files missing from ../shared/testdata/gguf")
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
 def test_kquant_import_is_exact(qtype: str) -> None:
     t = KQ[qtype]
     n, k = int(t.shape[1]), int(t.shape[0])  # type: ignore[attr-defined]
     qw = from_gguf(t.data, t.tensor_type, (n, k))  # type: ignore[attr-defined]
     expected = gguf.quants.dequantize(t.data, t.tensor_type)  # type: ignore[attr-defined]
-    assert np.array_equal(_bits(qw.dequantize().numpy()), _bits(expected))
+    assert np.array_equal(float_bits(qw.dequantize().numpy()), float_bits(expected))
     assert qw.meta.super_block == 256 and qw.super_scales is not None
 
 
