@@ -40,21 +40,9 @@ def replaceable(module: nn.Module) -> str | None:
     return None
 
 
-# Weights per Linear from which decode takes torch's integer kernels. On TinyLlama-shape layers
-# (2048x5632) the int4 kernel multiplied one row in ~1 ms where exact de-quantization took 14-25 ms
-# (bench/quant_kernels.py), and a Q4_0 store decoded at 0.84 tok/s uncapped on the exact path against
-# 6.2 tok/s for bf16 (bench/quantized.py). Below this size (SmolLM2's 576x1536, the test models)
-# the exact path measured as fast, and it reproduces transformers' GGUF logits exactly.
-KERNEL_MIN_WEIGHTS = 1 << 22
-
-
-@functools.lru_cache(maxsize=8)
-def store_policy(dtype: torch.dtype, weights: int = 0) -> KernelPolicy:
-    """How a store's quantized Linear of ``weights`` weights computes.
-
-    Large layers: the machine's kernel policy (integer kernels for a few rows, i.e. decode; exact
-    de-quantize + ``F.linear`` in ``dtype`` for prompts). Small ones: always de-quantize + ``F.linear``.
-    Streamed and resident stages take the same path, so their logits stay identical.
+@functools.lru_cache(maxsize=4)
+def store_policy(dtype: torch.dtype) -> KernelPolicy:
+    """How a store's quantized Linears compute: always de-quantize + ``F.linear`` in the compute dtype.
 
     De-quantizing gives ggml's fp32 values exactly, so an fp32 store computes the logits of
     transformers' own fp32 load of the GGUF (same greedy tokens), and it is one code path for
@@ -66,8 +54,6 @@ def store_policy(dtype: torch.dtype, weights: int = 0) -> KernelPolicy:
     but its 128-token prompt took 2.3 s against 0.5-0.7 s in fp32 (no AVX512-BF16/AMX: oneDNN
     emulates bf16 matmuls), and it is not exact.
     """
-    if weights >= KERNEL_MIN_WEIGHTS:
-        return dataclasses.replace(default_policy(), dense_dtype=dtype)
     return dataclasses.replace(default_policy(), kernel_max_m=0, int4x2_max_m=0, dense_dtype=dtype)
 
 
@@ -117,7 +103,7 @@ def _quantized_module(model: nn.Module, path: str, meta: QuantMeta, dtype: torch
                          f"{tuple(meta.shape)}")
     if kind == LINEAR:
         return QuantLinear(meta, bias=module.bias is not None, bias_dtype=dtype, device="meta",
-                           policy=store_policy(dtype, shape[0] * shape[1]))
+                           policy=store_policy(dtype))
     return QuantEmbedding(meta, out_dtype=dtype, padding_idx=module.padding_idx, device="meta")
 
 
