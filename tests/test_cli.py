@@ -38,8 +38,9 @@ def test_run_generate_human_and_json(smollm2):
                     "What is the capital of France?")
     assert human.returncode == 0, human.stderr
     assert "Paris" in human.stdout and "peak RSS" in human.stderr
+    # --prefetch: streamed as told (with no budget at all the model would now simply be resident)
     machine = hermesd("run", store, "--task", "generate", "--json", "--timeline", "--max-new-tokens", "4",
-                      "--input", "Hello")
+                      "--prefetch", "2", "--input", "Hello")
     report = json.loads(machine.stdout)
     assert set(report) == {"task", "result", "stats", "plan"}
     assert report["stats"]["passes"] == report["result"]["new_tokens"]

@@ -253,6 +253,15 @@ def test_dequantize_flag_keeps_the_float_path(tmp_path: Path) -> None:
         assert torch.equal(engine.model(PROMPT).logits, logits)
 
 
+def test_a_quantized_import_refuses_a_float_dtype_other_than_fp32(tmp_path: Path) -> None:
+    # bf16 compute on a quantized SmolLM2 store gave wrong text (not "Paris"): refused until it is right
+    from hermesd.errors import ConvertError
+
+    with pytest.raises(ConvertError, match="use --dequantize"):
+        convert(open_source(need(TINY["Q4_K_M"])), tmp_path / "bf16", dtype="bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
 # ---- other architectures: files of random weights written here -----------------------------------
 
 ARCHS = {

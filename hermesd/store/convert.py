@@ -69,6 +69,11 @@ def convert(source: Source, dest: str | os.PathLike[str], dtype: str | None = No
     if dest.exists() and not force:
         raise ConvertError(f"{dest} already exists; pass --force to replace it")
     target_dtype = _target_dtype(dtype, source.default_dtype)
+    if isinstance(source, GGUFQuantSource) and target_dtype != torch.float32:
+        # A quantized SmolLM2 store computing in bf16 answered "L'Étoile, la Marseillaise," where the
+        # fp32 one answers "Paris": refuse until the bf16 path is right, rather than give wrong text.
+        raise ConvertError(f"a GGUF kept quantized computes in fp32 (asked: {dtype}); "
+                           "use --dequantize for a float store in that dtype")
     started = time.perf_counter()
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
