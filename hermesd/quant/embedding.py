@@ -19,7 +19,7 @@ from torch import nn
 from hermesd.errors import ConvertError
 from hermesd.quant.dequant import dequantize
 from hermesd.quant.int4pack import ROWMAJOR
-from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
+from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, register_stored_buffers
 
 
 class QuantEmbedding(nn.Module):
@@ -39,12 +39,7 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = qmeta.shape
         self.out_dtype = out_dtype
         self.padding_idx = padding_idx
-        dtypes = expected_dtypes(qmeta)
-        for suffix, shape in expected_shapes(qmeta).items():
-            self.register_buffer(suffix, torch.empty(shape, dtype=dtypes[suffix], device=device))
-        for suffix in SUFFIXES:
-            if suffix not in self._buffers:
-                setattr(self, suffix, None)
+        register_stored_buffers(self, qmeta, device)
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The bound stored tensors by suffix."""

@@ -11,7 +11,7 @@ from torch import nn
 from hermesd.errors import ConvertError
 from hermesd.quant.cpu import KernelPolicy, default_policy
 from hermesd.quant.kernels import DENSE, INT4X2, Prepared, kernel_path, prepare, run_dense, run_kernel
-from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
+from hermesd.quant.qweight import QuantizedWeight, QuantMeta, register_stored_buffers
 
 
 def _version(t: torch.Tensor) -> int:
@@ -44,12 +44,7 @@ class QuantLinear(nn.Module):
         self.qmeta = qmeta
         self.out_features, self.in_features = qmeta.shape
         self.policy = policy or default_policy()
-        dtypes = expected_dtypes(qmeta)
-        for suffix, shape in expected_shapes(qmeta).items():
-            self.register_buffer(suffix, torch.empty(shape, dtype=dtypes[suffix], device=device))
-        for suffix in SUFFIXES:
-            if suffix not in self._buffers:
-                setattr(self, suffix, None)
+        register_stored_buffers(self, qmeta, device)
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=bias_dtype, device=device),
                                  requires_grad=False) if bias else None
         self._prepared: Prepared | None = None

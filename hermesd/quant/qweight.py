@@ -245,3 +245,13 @@ def storage_ratio(qw: QuantizedWeight) -> float:
     """Stored bytes over the GGUF bytes of the same tensor (GGML formats only)."""
     n, k = qw.meta.shape
     return qw.nbytes / (n * row_bytes(qw.meta.format, k))
+
+
+def register_stored_buffers(module: torch.nn.Module, qmeta: QuantMeta, device: torch.device | str | None) -> None:
+    """Give ``module`` one empty buffer per stored tensor of ``qmeta`` (binding fills them), None for the rest."""
+    dtypes = expected_dtypes(qmeta)
+    for suffix, shape in expected_shapes(qmeta).items():
+        module.register_buffer(suffix, torch.empty(shape, dtype=dtypes[suffix], device=device))
+    for suffix in SUFFIXES:
+        if suffix not in module._buffers:
+            setattr(module, suffix, None)
