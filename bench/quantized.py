@@ -1,11 +1,11 @@
 """Quantized stores against the bf16 store: decode speed and bytes per token under a memory cap.
 
-    python -m bench.quantized [--work DIR] [--cap 734MiB] [--rounds 2] [--json]
+    python -m bench.quantized [--work DIR] [--cap 734MiB] [--rounds 2] [--stores bf16,int8,...] [--json]
 
 One run compares, alternating and each cold (page cache evicted) in a fresh process under a real
-cgroup cap: the TinyLlama-1.1B-shape store in bf16 (the suite's Llama scenario) and the same shape as
-GGUF Q8_0 and Q4_0 files (random weights written with ``gguf.quants``) imported with their blocks
-kept. Each child plans with ``hermesd.load(store, memory_budget=BUDGET)`` and runs a 128-token prompt
+cgroup cap: the TinyLlama-1.1B-shape store in bf16 (the suite's Llama scenario), the same weights
+converted with ``--quantize int8`` and ``--quantize int4``, and the same shape as GGUF Q8_0 and Q4_0
+files (random weights written with ``gguf.quants``) imported with their blocks kept. Each child plans with ``hermesd.load(store, memory_budget=BUDGET)`` and runs a 128-token prompt
 plus 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds,
 decode tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills;
 and uncapped, with the automatic budget: decode tokens/s with nothing streamed after the first pass.
@@ -55,16 +55,17 @@ print(json.dumps({"ok": True, "load_s": load_s, **timings, "streamed_bytes": str
 
 
 def _hermesd(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "hermesd.cli", *args], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "hermesd.cli", *args], check=True, cwd=ROOT, stdout=sys.stderr)  # keep stdout for the report
 
 
-def _write_gguf(path: Path, qtype: str) -> None:
-    """A TinyLlama-shape GGUF with random weights, every 2-D weight in ``qtype`` (norms F32)."""
+def _write_gguf(path: Path, qtype: str, config: Path | None = None) -> None:
+    """A GGUF of ``config``'s Llama shape (default TinyLlama) with random weights, every 2-D weight in
+    ``qtype`` (norms F32)."""
     import gguf
     import numpy as np
     from gguf.constants import GGMLQuantizationType
 
-    cfg = json.loads(CONFIG.read_text())
+    cfg = json.loads((config or CONFIG).read_text())
     hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
     kv_dim = hidden // heads * kv_heads
@@ -108,15 +109,22 @@ def _write_gguf(path: Path, qtype: str) -> None:
     writer.close()
 
 
-def prepare(work: Path) -> dict[str, Path]:
-    """The three stores (made once, kept in ``work``)."""
+STORES = ("bf16", "int8", "int4", "q4_0", "q8_0")
+
+
+def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
+    """The stores (made once, kept in ``work``): bf16, ``--quantize int8/int4`` of the same weights
+    (fp32 compute), and GGUF Q4_0/Q8_0 files imported with their blocks kept."""
     work.mkdir(parents=True, exist_ok=True)
-    stores = {"bf16": work / "tinyllama-bf16", "q8_0": work / "tinyllama-q8_0", "q4_0": work / "tinyllama-q4_0"}
-    if not (stores["bf16"] / "manifest.json").exists():
-        _hermesd("convert", "--random-config", str(CONFIG), str(stores["bf16"]), "--dtype", "bf16", "--quiet", "--force")
+    stores = {name: work / f"tinyllama-{name}" for name in names}
+    for name in ("bf16", "int8", "int4"):
+        if name not in stores or (stores[name] / "manifest.json").exists():
+            continue
+        extra = ("--dtype", "bf16") if name == "bf16" else ("--dtype", "fp32", "--quantize", name)
+        _hermesd("convert", "--random-config", str(CONFIG), str(stores[name]), *extra, "--quiet", "--force")
     for qtype in ("Q8_0", "Q4_0"):
-        store = stores[qtype.lower()]
-        if (store / "manifest.json").exists():
+        store = stores.get(qtype.lower())
+        if store is None or (store / "manifest.json").exists():
             continue
         source = work / f"tinyllama-{qtype}.gguf"
         if not source.exists():
@@ -126,10 +134,11 @@ def prepare(work: Path) -> dict[str, Path]:
     return stores
 
 
-def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800) -> dict[str, Any]:
+def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800, prompt: int = PROMPT,
+            new: int = NEW) -> dict[str, Any]:
     """One cold run of ``store`` in a fresh child, under a cgroup cap of ``cap`` bytes (None: uncapped)."""
     evict(weight_files(store))
-    command = [sys.executable, "-c", CHILD, str(store), budget, str(PROMPT), str(NEW)]
+    command = [sys.executable, "-c", CHILD, str(store), budget, str(prompt), str(new)]
     if cap is None:
         return run_json_child(command, timeout, cwd=ROOT)
     with MemoryGroup(cap) as group:
@@ -176,8 +185,20 @@ def cold_read_gbps(store: Path) -> float:
     return total / (time.perf_counter() - started) / 1e9
 
 
-def run_suite(work: Path, cap: int, budget: str, rounds: int) -> dict[str, Any]:
-    stores = prepare(work)
+def memory_gbps(size: int = 1 << 30) -> float:
+    """This machine's memory bandwidth as one large copy sees it (read + write bytes per second)."""
+    import torch
+
+    src, dst = torch.ones(size // 4), torch.empty(size // 4)
+    dst.copy_(src)  # fault the pages in first
+    started = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src)
+    return 3 * 2 * size / (time.perf_counter() - started) / 1e9
+
+
+def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, ...] = STORES) -> dict[str, Any]:
+    stores = prepare(work, names)
     read_gbps = cold_read_gbps(stores["bf16"])
     capped: dict[str, list[dict[str, Any]]] = {name: [] for name in stores}
     for round_number in range(rounds):  # alternate contenders, so drift hits them alike
@@ -205,13 +226,15 @@ def run_suite(work: Path, cap: int, budget: str, rounds: int) -> dict[str, Any]:
         summary[name]["tokens_equal_resident"] = same if summary[name].get("ok") and uncapped[name].get("ok") else None
         summary[name].pop("tokens", None)
     return {"machine": machine_facts(), "cap_bytes": cap, "budget": budget, "read_gbps": read_gbps,
+            "memory_gbps": memory_gbps(),
             "rounds": rounds, "prompt_tokens": PROMPT, "new_tokens": NEW, "stores": summary}
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"TinyLlama-1.1B shape, {report['prompt_tokens']}-token prompt + {report['new_tokens']} new tokens, "
              f"cap {format_size(report['cap_bytes'])}, budget {report['budget']}, cold read "
-             f"{report['read_gbps']:.2f} GB/s, {report['rounds']} alternating rounds (medians)",
+             f"{report['read_gbps']:.2f} GB/s, memory copy {report['memory_gbps']:.1f} GB/s, "
+             f"{report['rounds']} alternating rounds (medians)",
              "| store | size | bytes/step | prompt s | decode tok/s | vs bf16 | of disk bound | peak RSS | OOM | "
              "auto: decode tok/s | auto: weight GB/s | same tokens as resident |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -236,12 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", default="734MiB", help="cgroup memory cap (default 734MiB, the suite's Llama cap)")
     parser.add_argument("--budget", default="680MiB", help="process budget each child plans with")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stores", default=",".join(STORES),
+                        help=f"comma-separated subset of {','.join(STORES)} (bf16 is always run: the baseline)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    names = tuple(dict.fromkeys(["bf16", *(n for n in args.stores.split(",") if n in STORES)]))
     if (why := unavailable_reason()) is not None:
         print(f"bench.quantized: {why}", file=sys.stderr)
         return 1
-    report = run_suite(args.work, parse_size(args.cap), args.budget, args.rounds)
+    report = run_suite(args.work, parse_size(args.cap), args.budget, args.rounds, names)
     if args.json:
         emit_json_line(report)
     else:

@@ -77,6 +77,12 @@ def _add_convert(commands) -> None:
     convert.add_argument("--random-config", type=Path, help="config.json of an architecture: random weights")
     convert.add_argument("--seed", type=int, default=0, help="seed for --random-config (default 0)")
     convert.add_argument("--dtype", help="stored dtype: fp32, bf16 or fp16 (default: the source's)")
+    convert.add_argument("--quantize", choices=("int8", "int4"),
+                         help="store large Linear weights quantized: int8 (symmetric, one scale per row) or "
+                              "int4 (affine, groups of 32 along the input); embeddings, norms, tied and small "
+                              "weights stay float")
+    convert.add_argument("--group-size", type=int, metavar="N",
+                         help="with --quantize: weights per scale along the input (int4: 32, 64, 128 or 256)")
     convert.add_argument("--force", action="store_true", help="replace DEST if it exists")
     convert.add_argument("--quiet", action="store_true", help="no progress lines")
     convert.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -169,7 +175,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if dest.exists() and not args.force:  # refuse before the (possibly slow) source is opened
         raise HermesError(f"{dest} already exists; pass --force to replace it")
     source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed,
-                         dequantize=args.dequantize)
+                         dequantize=args.dequantize, quantize=args.quantize, group_size=args.group_size)
     progress = None if args.quiet else _print_progress
     if args.quiet:
         import transformers
@@ -181,7 +187,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {report.store}: {report.stages} stages, {format_size(report.weight_bytes)} of weights "
               f"in {report.seconds:.1f} s; peak memory {format_size(report.peak_rss_bytes)}")
+        _print_quant_errors(report.quant_errors)
     return 0
+
+
+def _print_quant_errors(errors: dict[str, float]) -> None:
+    """Per-stage relative RMS error of ``--quantize`` (worst first), then the range."""
+    if not errors:
+        return
+    print("quantization error (relative RMS of each stage's quantized weights):")
+    for name, error in sorted(errors.items(), key=lambda item: -item[1]):
+        print(f"  {name:<40} {100 * error:6.2f} %")
 
 
 def _print_progress(done: int, total: int, name: str, nbytes: int) -> None:

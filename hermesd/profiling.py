@@ -22,7 +22,7 @@ from hermesd import memory
 from hermesd.engine.engine import Engine
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats
-from hermesd.plan.budget import fit_plan
+from hermesd.plan.budget import compute_bytes, fit_plan
 from hermesd.plan.profile import Profile, StageCost, fingerprint
 from hermesd.store.manifest import Manifest
 
@@ -67,7 +67,8 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
     per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
     by_name = {s.name: s for s in alone.stages}
-    stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name])
+    extra = compute_bytes(manifest)
+    stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name], extra[entry.name])
               for entry in manifest.stages]
     read_bytes = sum(s.bytes_read for s in alone.stages)
     return Profile(
@@ -106,11 +107,12 @@ def _inputs(engine: Engine, tokens: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-def _stage_cost(entry, stats, decode: dict[str, float], warm_gbps: float, span: int) -> StageCost:
+def _stage_cost(entry, stats, decode: dict[str, float], warm_gbps: float, span: int, extra: int) -> StageCost:
     load_s = stats.load_s / max(stats.loads, 1) if stats else 0.0
     return StageCost(name=entry.name, kind=entry.kind, bytes=span, load_cold_s=load_s,
                      load_warm_s=span / (warm_gbps * 1e9) if warm_gbps else 0.0,
-                     compute_prompt_s=stats.compute_s if stats else 0.0, compute_decode_s=decode.get(entry.name, 0.0))
+                     compute_prompt_s=stats.compute_s if stats else 0.0, compute_decode_s=decode.get(entry.name, 0.0),
+                     compute_bytes=extra)
 
 
 def _kv_bytes_per_token(manifest: Manifest) -> int:

@@ -87,6 +87,15 @@ def activation_bytes(manifest: Manifest, workload: Workload) -> int:
     return hidden_states + scores + logits + kv_cache
 
 
+def compute_bytes(manifest: Manifest) -> dict[str, int]:
+    """Stage name -> memory its compute holds beside its weights while bound (quantized kernels' tables)."""
+    if not any(stage.quant for stage in manifest.stages):
+        return {stage.name: 0 for stage in manifest.stages}
+    from hermesd.store.quantized import stage_compute_bytes  # torch: only for quantized stores
+
+    return stage_compute_bytes(manifest)
+
+
 def _first(cfg: dict, *keys: str, default: int) -> int:
     for key in keys:
         if isinstance(cfg.get(key), int):
@@ -105,6 +114,7 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
     chosen = list(dict.fromkeys(pinned + list(chosen)))
     depth = DEFAULT_PREFETCH if prefetch is None else max(0, prefetch)
     act = activation_bytes(manifest, workload)
+    extra = compute_bytes(manifest)
 
     def make(depth: int, keep: list[str], roomy: bool = False) -> Plan:
         streamed = [n for n in names if n not in keep]
@@ -117,7 +127,8 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
         return Plan(
             prefetch=depth if streamed else 0, loaders=max(1, min(loaders or depth, depth)) if streamed else 0,
             resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,
-            resident_bytes=sum(read_bytes(n) for n in keep), activation_bytes=act,
+            resident_bytes=sum(read_bytes(n) + extra[n] for n in keep),
+            activation_bytes=act + max((extra[n] for n in streamed), default=0),
             runtime_bytes=runtime_bytes + RUNTIME_MARGIN, budget=budget)
 
     if budget is None:

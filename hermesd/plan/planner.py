@@ -152,8 +152,9 @@ def evaluate(profile: Profile, workload: Workload, depth: int, resident: list[st
     plan = Plan(prefetch=depth if streamed else 0, loaders=1 if streamed and depth else 0,
                 resident=tuple(s.name for s in profile.stages if s.name in keep),
                 streamed=tuple(s.name for s in streamed), pool_bytes=pool, pool_stall_free=stall_free,
-                resident_bytes=sum(profile.stage(n).bytes for n in keep),
-                activation_bytes=_activation_bytes(profile, workload), runtime_bytes=profile.runtime_bytes,
+                resident_bytes=sum(profile.stage(n).bytes + profile.stage(n).compute_bytes for n in keep),
+                activation_bytes=_activation_bytes(profile, workload) + _streamed_compute_bytes(streamed),
+                runtime_bytes=profile.runtime_bytes,
                 budget=budget)
     read_mode = "direct" if profile.read_direct_gbps > 0 else "buffered"
     return Prediction(plan, latency, plan.peak_bound, io, compute, waits, profile.cores, read_mode)
@@ -165,9 +166,16 @@ def _activation_bytes(profile: Profile, workload: Workload) -> int:
     return int(profile.activation_fixed_bytes + profile.activation_bytes_per_token * tokens + kv)
 
 
+def _streamed_compute_bytes(streamed: list[StageCost]) -> int:
+    """One streamed stage's kernel tables at a time: the largest."""
+    return max((s.compute_bytes for s in streamed), default=0)
+
+
 def _peak(profile: Profile, workload: Workload, resident: set[str], pool: int) -> int:
-    resident_bytes = sum(s.bytes for s in profile.stages if s.name in resident)
-    return profile.runtime_bytes + resident_bytes + pool + _activation_bytes(profile, workload)
+    resident_bytes = sum(s.bytes + s.compute_bytes for s in profile.stages if s.name in resident)
+    streamed = [s for s in profile.stages if s.name not in resident]
+    return (profile.runtime_bytes + resident_bytes + pool + _activation_bytes(profile, workload)
+            + _streamed_compute_bytes(streamed))
 
 
 def simulate(profile: Profile, workload: Workload, resident: set[str], depth: int

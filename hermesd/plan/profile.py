@@ -20,7 +20,7 @@ from hermesd.store.manifest import MANIFEST_NAME
 from hermesd.version import __version__
 
 PROFILE_NAME = "profile.json"
-PROFILE_VERSION = 3  # 2: activation peak includes decode; 3: decode compute from a second step
+PROFILE_VERSION = 4  # 2: activation peak includes decode; 3: decode compute from a second step; 4: compute_bytes
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class StageCost:
     load_warm_s: float  # buffered read of the same bytes from the page cache
     compute_prompt_s: float  # compute for the reference prompt, nothing loading meanwhile
     compute_decode_s: float = 0.0  # one decode step with a reference-length KV cache (causal LMs)
+    compute_bytes: int = 0  # held beside the weights while bound (quantized kernels' tables)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ def group_factors(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | Non
     """
     meta = qw.meta
     n, groups = meta.shape[0], meta.groups
+    if meta.table:  # the kernel's [groups, N, 2] table: w = scale * (q - 8) + zero
+        table = qw.scales.to(torch.float32)
+        return table[..., 0].t(), table[..., 1].t()
     scale = qw.scales.to(torch.float32)
     sup = None
     if meta.super_block:

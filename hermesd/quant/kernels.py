@@ -33,7 +33,7 @@ from hermesd.quant.int4pack import (
     repack,
     to_kernel_layout,
 )
-from hermesd.quant.qweight import QuantizedWeight
+from hermesd.quant.qweight import TABLE_VERSION, QuantizedWeight, QuantMeta
 
 INT4_GROUPS = (32, 64, 128, 256)
 DENSE, INT8, INT4, INT4X2 = "dense", "int8", "int4", "int4x2"
@@ -44,10 +44,11 @@ def int8_kernel_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
-def kernel_path(qw: QuantizedWeight, policy: KernelPolicy) -> str:
+def kernel_path(meta: QuantMeta, policy: KernelPolicy) -> str:
     """The integer-kernel path a weight can take for small M, or ``dense`` when none fits."""
-    meta = qw.meta
     n, k = meta.shape
+    if policy.kernel_max_m <= 0:
+        return DENSE
     if meta.format == "int8" and meta.group_size == k:
         return INT8 if int8_kernel_available() else DENSE
     if meta.group_size not in INT4_GROUPS or meta.super_block and 256 % meta.group_size:
@@ -59,6 +60,27 @@ def kernel_path(qw: QuantizedWeight, policy: KernelPolicy) -> str:
     if 5 <= meta.bits <= 8 and policy.use_int4x2 and n % 8 == 0:
         return INT4X2
     return DENSE
+
+
+def prepared_bytes(meta: QuantMeta, policy: KernelPolicy) -> int:
+    """Memory that :func:`prepare` adds beside the stored tensors while a weight is bound.
+
+    int4: the ``[groups, N, 2]`` scale/zero table in the kernel's dtype (a quarter of the codes for
+    groups of 32 in bf16), plus a copy of the codes when they are not stored in this CPU's kernel
+    layout; int4x2: both planes and their tables; int8: the scales in the kernel's dtype.
+    """
+    path = kernel_path(meta, policy)
+    n, k = meta.shape
+    item = policy.kernel_dtype.itemsize
+    if path == INT8:
+        return n * item
+    if path == INT4:
+        copy = n * k // 2 if meta.packing != native_tag() else 0
+        stored_table = meta.table == str(policy.kernel_dtype).removeprefix("torch.")
+        return (0 if stored_table else meta.groups * n * 2 * item) + copy
+    if path == INT4X2:
+        return n * k + 2 * meta.groups * n * 2 * item
+    return 0
 
 
 @dataclass
@@ -76,17 +98,38 @@ def _int4_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtyp
     return torch.stack([scale.t(), zero.t()], dim=-1).to(dtype)
 
 
+def kernel_table(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 kernel's ``[groups, N, 2]`` (scale, zero) table in ``dtype``: the stored one when the
+    store was made with it (no work), else computed from the format's own scales and zeros."""
+    if qw.meta.table:
+        return qw.scales if qw.scales.dtype == dtype else qw.scales.to(dtype)
+    scale, zero = group_factors(qw)
+    # ours is s*(q - offset) or s*q + z; the kernel's (q - 8)*s + z' needs z' = z + 8s (or 0 when offset is 8)
+    shift = 8 - qw.meta.code_offset
+    kzero = (zero if zero is not None else torch.zeros_like(scale)) + shift * scale
+    return _int4_scale_zeros(scale, kzero, dtype)
+
+
+def with_kernel_table(qw: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """``qw`` stored kernel-ready: codes in this CPU's int4 layout and the scale/zero table in ``dtype``
+    in place of the format's scales/zeros, so binding the stored tensors is all a decode step needs.
+
+    The table rounds scale and zero to ``dtype`` (bf16 on x86) exactly as the kernel would at every
+    load; de-quantizing for prompts then reads the same rounded values, so both paths agree.
+    """
+    table = kernel_table(qw, dtype).contiguous()
+    meta = dataclasses.replace(qw.meta, affine=True, code_offset=8, super_block=0, version=TABLE_VERSION,
+                               table=str(dtype).removeprefix("torch."))
+    return QuantizedWeight(meta, qw.qweight, table).repacked("native")
+
+
 def prepare_int4(qw: QuantizedWeight, dtype: torch.dtype, inplace: bool = False) -> Prepared:
     """Kernel layout + scale/zero table for a 4-bit format.
 
     Codes already stored in this CPU's kernel layout are used as they are (no copy); others are
     re-packed, into ``qw.qweight`` itself when ``inplace``.
     """
-    scale, zero = group_factors(qw)
-    # ours is s*(q - offset) or s*q + z; the kernel's (q - 8)*s + z' needs z' = z + 8s (or 0 when offset is 8)
-    shift = 8 - qw.meta.code_offset
-    kzero = (zero if zero is not None else torch.zeros_like(scale)) + shift * scale
-    table = _int4_scale_zeros(scale, kzero, dtype)
+    table = kernel_table(qw, dtype)
     stored, target = qw.meta.packing, native_tag()
     if target == ROWMAJOR:  # a layout we cannot reproduce: torch's own (slow) converter, on a copy
         packed = to_kernel_layout(repack(qw.qweight, stored, ROWMAJOR), layout=None)
@@ -160,6 +203,10 @@ def _rows_view(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
     """The stored tensors of rows ``start:stop`` (all are row-major along N)."""
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[start:stop]
+
+    if qw.meta.table:  # the table is [groups, N, 2]: its rows are taken by the caller's factors
+        meta = dataclasses.replace(qw.meta, shape=(stop - start, qw.meta.shape[1]))
+        return QuantizedWeight(meta, rows(qw.qweight), qw.scales[:, start:stop])  # type: ignore[arg-type]
 
     meta = dataclasses.replace(qw.meta, shape=(stop - start, qw.meta.shape[1]))
     return QuantizedWeight(meta, rows(qw.qweight), rows(qw.scales), rows(qw.zeros), rows(qw.super_scales))  # type: ignore[arg-type]

@@ -105,8 +105,7 @@ class QuantLinear(nn.Module):
     def small_m_path(self) -> str:
         """The path for a few rows (``int8``, ``int4``, ``int4x2`` or ``dense``); nothing is prepared."""
         if self._kernel_path is None:
-            qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
-            self._kernel_path = kernel_path(qw, self.policy)
+            self._kernel_path = kernel_path(self.qmeta, self.policy)
         return self._kernel_path
 
     def max_kernel_rows(self) -> int:

@@ -43,6 +43,8 @@ META_PREFIX = "hermesd.quant."
 SUFFIXES = ("qweight", "scales", "zeros", "super_scales")
 OWN_FORMATS = ("int8", "int4")
 FORMAT_VERSION = 1
+TABLE_VERSION = 2  # metadata with a kernel table: readers of version 1 must refuse it
+READABLE_VERSIONS = (FORMAT_VERSION, TABLE_VERSION)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class QuantMeta:
     super_block: int = 0  # 256 for K-quants: scales are integers times super_scales
     packing: str = ROWMAJOR  # 4-bit byte layout of qweight: rowmajor or an int4 kernel layout tag
     version: int = FORMAT_VERSION
+    # "bfloat16"/"float32": ``scales`` is the int4 kernel's [groups, N, 2] (scale, zero) table in that
+    # dtype, w = scale * (q - 8) + zero; no zeros/super_scales tensors. "": the format's own tensors.
+    table: str = ""
 
     @property
     def groups(self) -> int:
@@ -73,8 +78,11 @@ class QuantMeta:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantMeta:
         """Inverse of :meth:`to_dict`; :class:`ConvertError` for a version or format we cannot read."""
-        if int(data.get("version", 0)) != FORMAT_VERSION:
-            raise ConvertError(f"quantized weight metadata version {data.get('version')} is not {FORMAT_VERSION}")
+        if int(data.get("version", 0)) not in READABLE_VERSIONS:
+            raise ConvertError(f"quantized weight metadata version {data.get('version')} is not one of "
+                               f"{READABLE_VERSIONS}")
+        if data.get("table", "") not in ("", "bfloat16", "float32"):
+            raise ConvertError(f"unsupported kernel table dtype {data.get('table')!r}")
         if data.get("format") not in {*BLOCK_FORMATS, *OWN_FORMATS}:
             raise ConvertError(f"unsupported quantized weight format {data.get('format')!r}")
         layout_from_tag(data.get("packing", ROWMAJOR))  # raises for a packing we do not know
@@ -152,8 +160,10 @@ class QuantizedWeight:
 def expected_shapes(meta: QuantMeta) -> dict[str, tuple[int, ...]]:
     """Shape of each stored tensor for ``meta``."""
     n, k = meta.shape
-    shapes: dict[str, tuple[int, ...]] = {"qweight": (n, k // 2) if meta.bits == 4 else (n, k),
-                                          "scales": (n, meta.groups)}
+    qweight = (n, k // 2) if meta.bits == 4 else (n, k)
+    if meta.table:
+        return {"qweight": qweight, "scales": (meta.groups, n, 2)}
+    shapes: dict[str, tuple[int, ...]] = {"qweight": qweight, "scales": (n, meta.groups)}
     if meta.affine:
         shapes["zeros"] = (n, meta.groups)
     if meta.super_block:
@@ -165,6 +175,8 @@ def expected_dtypes(meta: QuantMeta) -> dict[str, torch.dtype]:
     """Dtype of each stored tensor for ``meta``."""
     n, k = meta.shape
     qweight = torch.uint8 if meta.bits == 4 or meta.affine else torch.int8
+    if meta.table:
+        return {"qweight": qweight, "scales": getattr(torch, meta.table)}
     if meta.super_block:
         scales = torch.uint8 if meta.affine else torch.int8
     else:

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +18,7 @@ from hermesd.errors import ConvertError
 from hermesd.store.gguf_source import GGUFQuantSource
 from hermesd.store.manifest import Manifest, StageEntry, TiedRef
 from hermesd.store.quantized import is_quant_part, quantize_skeleton, stage_quant
+from hermesd.store.quantizing import check_group, with_quantization
 from hermesd.store.safetensors_io import write_stage_file
 from hermesd.store.sources import GGUFSource, HFDirSource, RandomSource, Source
 from hermesd.store.stages import StageSpec, build_skeleton, find_stages
@@ -39,15 +40,22 @@ class ConvertReport:
     weight_bytes: int
     seconds: float
     peak_rss_bytes: int
+    quant_errors: dict[str, float] = field(default_factory=dict)  # stage -> relative RMS error (--quantize)
 
 
 def open_source(src: Path | None, gguf_file: str | None = None, random_config: Path | None = None,
-                seed: int = 0, dequantize: bool = False) -> Source:
+                seed: int = 0, dequantize: bool = False, quantize: str | None = None,
+                group_size: int | None = None) -> Source:
     """Pick the source kind from the arguments of ``hermesd convert``.
 
     A GGUF file keeps its quantization (``GGUFQuantSource``) unless ``dequantize`` asks for the
     float path through transformers (``GGUFSource``: holds the whole de-quantized model while converting).
+    ``quantize`` (``int8``/``int4``) wraps a float source in a ``QuantizingSource``.
     """
+    if quantize is not None or group_size is not None:
+        check_group(quantize or "int8", group_size)  # before a slow source is opened
+        inner = open_source(src, gguf_file, random_config, seed, dequantize)
+        return with_quantization(inner, quantize, group_size)
     if random_config is not None:
         return RandomSource(Path(random_config), seed=seed)
     if src is None:
@@ -85,7 +93,8 @@ def convert(source: Source, dest: str | os.PathLike[str], dtype: str | None = No
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return ConvertReport(str(dest), len(manifest.stages), manifest.weight_bytes(),
-                         time.perf_counter() - started, memory.peak_rss_bytes())
+                         time.perf_counter() - started, memory.peak_rss_bytes(),
+                         dict(getattr(source, "errors", {})))
 
 
 def _target_dtype(name: str | None, default: torch.dtype) -> torch.dtype:

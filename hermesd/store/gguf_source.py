@@ -23,7 +23,7 @@ from hermesd.quant.ggml_blocks import BLOCK_FORMATS
 from hermesd.quant.gguf_file import open_gguf
 from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.qweight import QuantizedWeight, QuantMeta, from_gguf, gguf_meta
-from hermesd.store.quantized import EMBEDDING, is_quant_part, replaceable, weight_groups
+from hermesd.store.quantized import EMBEDDING, is_quant_part, replaceable, stored_meta, to_stored, weight_groups
 from hermesd.store.stages import StageSpec
 
 _FLOATS = {"F32": np.float32, "F16": np.float16}
@@ -32,9 +32,11 @@ _FLOATS = {"F32": np.float32, "F16": np.float16}
 class GGUFQuantSource:
     """A ``.gguf`` model whose quantized Linear/Embedding weights are stored quantized."""
 
-    def __init__(self, path: Path, packing: str = ROWMAJOR) -> None:
+    def __init__(self, path: Path, packing: str = "native") -> None:
         path = Path(path)
-        self.packing = packing  # 4-bit codes of Linear weights; tables read by row are always row-major
+        # 4-bit codes of Linear weights: this CPU's int4 kernel layout by default, so decode binds them
+        # as read (no copy per load); tables read by row are always row-major
+        self.packing = packing
         if not path.is_file():
             raise ConvertError(f"{path}: no such GGUF file")
         # dequantize=True: the few tensors whose transformers form needs values (a transpose) become F32.
@@ -65,6 +67,7 @@ class GGUFQuantSource:
             kinds = [replaceable(m) if tuple(m.weight.shape) == plan.shape else None for m in modules]
             if all(kinds):
                 meta = gguf_meta(plan.ggml_type, plan.shape, ROWMAJOR if EMBEDDING in kinds else self.packing)
+                meta = meta if EMBEDDING in kinds else stored_meta(meta)
                 metas.update({p: meta for p in paths})
         self.metas = metas
         return metas
@@ -86,7 +89,8 @@ class GGUFQuantSource:
         if self._current is None or self._current[0] != module:
             name = f"{module}.weight"
             record = self.file.tensor(name)
-            qw = from_gguf(record.raw, record.ggml_type, record.shape, packing=self.metas[module].packing)
+            qw = to_stored(from_gguf(record.raw, record.ggml_type, record.shape, packing=self.metas[module].packing),
+                           self.metas[module])
             self.file.release(name)
             self._current = (module, qw)
         return self._current[1]

@@ -21,8 +21,10 @@ from torch import nn
 from hermesd.errors import StoreError
 from hermesd.quant.cpu import KernelPolicy, default_policy
 from hermesd.quant.embedding import QuantEmbedding
+from hermesd.quant.int4pack import native_tag
+from hermesd.quant.kernels import INT4, kernel_path, prepared_bytes, with_kernel_table
 from hermesd.quant.linear import QuantLinear
-from hermesd.quant.qweight import SUFFIXES, QuantMeta
+from hermesd.quant.qweight import SUFFIXES, TABLE_VERSION, QuantizedWeight, QuantMeta
 from hermesd.store.manifest import Manifest
 
 LINEAR, EMBEDDING = "linear", "embedding"
@@ -40,21 +42,58 @@ def replaceable(module: nn.Module) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def store_policy(dtype: torch.dtype) -> KernelPolicy:
-    """How a store's quantized Linears compute: always de-quantize + ``F.linear`` in the compute dtype.
+# Weights per Linear from which one-token steps (decode) take torch's integer kernels. On
+# TinyLlama-shape layers (2048x5632) the int4 kernel multiplied one row in ~1 ms where exact
+# de-quantization took 14-25 ms (bench/quant_kernels.py). Below this size (SmolLM2's 576x1536, the
+# test models) the exact path measured as fast (SmolLM2 Q4_1: 3.6 tok/s exact, 3.1 tok/s kernels),
+# and it reproduces transformers' GGUF logits exactly. Narrow layers (in_features below 1024: the
+# test models' 32000 x 256 heads) keep the exact path too: the kernel's bf16 activations flipped
+# greedy tokens of those random-weight models, whose logits nearly tie.
+KERNEL_MIN_WEIGHTS = 1 << 22
+KERNEL_MIN_IN_FEATURES = 1024
 
-    De-quantizing gives ggml's fp32 values exactly, so an fp32 store computes the logits of
-    transformers' own fp32 load of the GGUF (same greedy tokens), and it is one code path for
-    streamed and resident stages (identical logits). Measured on this 2-core AVX2 machine
-    (SmolLM2-135M Q4_1, streamed, 16 new tokens, best of 3 on a shared host): 3.6 tok/s, against
-    3.1 tok/s and +180 MiB peak for torch's int4/int8 kernels on codes stored in the CPU's kernel
-    layout (which also round activations to bf16 on x86), and 2.8 tok/s for the fp32 store.
-    The compute dtype is fp32: a bf16 store decoded at about the same rate (within this host's noise)
-    but its 128-token prompt took 2.3 s against 0.5-0.7 s in fp32 (no AVX512-BF16/AMX: oneDNN
-    emulates bf16 matmuls), and it is not exact.
+
+@functools.lru_cache(maxsize=64)
+def store_policy(dtype: torch.dtype, weights: int = 0, in_features: int = 0) -> KernelPolicy:
+    """How a store's quantized Linear of ``weights`` weights and ``in_features`` inputs computes.
+
+    Large layers: the machine's kernel policy, i.e. integer kernels for a few rows (decode steps;
+    activations rounded to the kernel's dtype, bf16 on x86) and exact de-quantize + ``F.linear`` in
+    ``dtype`` for prompts. Small layers: always exact de-quantize + ``F.linear``, which gives
+    ggml's fp32 values, so an fp32 store computes the logits of transformers' own fp32 load of the
+    GGUF. Streamed and resident stages take the same path, so their logits stay identical.
+
+    The compute dtype is fp32: a bf16 SmolLM2 store decoded at about the same rate but its
+    128-token prompt took 2.3 s against 0.5-0.7 s in fp32 (no AVX512-BF16/AMX: oneDNN emulates bf16
+    matmuls), and it is not exact.
     """
+    if weights >= KERNEL_MIN_WEIGHTS and in_features >= KERNEL_MIN_IN_FEATURES:
+        return dataclasses.replace(default_policy(), dense_dtype=dtype)
     return dataclasses.replace(default_policy(), kernel_max_m=0, int4x2_max_m=0, dense_dtype=dtype)
+
+
+def stored_meta(meta: QuantMeta, dtype: torch.dtype = torch.float32) -> QuantMeta:
+    """The meta to store for a Linear's quantized weight: kernel-ready where decode takes the int4 kernel.
+
+    Such weights are written with their codes in this CPU's kernel layout and the kernel's scale/zero
+    table in place of the format's scales (:func:`hermesd.quant.kernels.with_kernel_table`), so a
+    streamed stage is bound as read, with no per-load preparation: building the table took as long as
+    the kernel's multiply itself (bench/quantized.py, 2026-12-01). Other weights keep their format.
+    """
+    policy = store_policy(dtype, meta.shape[0] * meta.shape[1], meta.shape[1])
+    if meta.bits != 4 or meta.table or kernel_path(meta, policy) != INT4:
+        return meta
+    return dataclasses.replace(meta, affine=True, code_offset=8, super_block=0, version=TABLE_VERSION,
+                               table=str(policy.kernel_dtype).removeprefix("torch."), packing=native_tag())
+
+
+def to_stored(qw: QuantizedWeight, meta: QuantMeta) -> QuantizedWeight:
+    """``qw`` in the form ``meta`` (from :func:`stored_meta`) records."""
+    if meta.table and not qw.meta.table:
+        qw = with_kernel_table(qw, getattr(torch, meta.table))
+    if qw.meta != meta:
+        raise StoreError(f"quantized weight {qw.meta.shape}: stored form {qw.meta} differs from the planned {meta}")
+    return qw
 
 
 def weight_groups(model: nn.Module) -> list[list[str]]:
@@ -103,7 +142,7 @@ def _quantized_module(model: nn.Module, path: str, meta: QuantMeta, dtype: torch
                          f"{tuple(meta.shape)}")
     if kind == LINEAR:
         return QuantLinear(meta, bias=module.bias is not None, bias_dtype=dtype, device="meta",
-                           policy=store_policy(dtype))
+                           policy=store_policy(dtype, shape[0] * shape[1], shape[1]))
     return QuantEmbedding(meta, out_dtype=dtype, padding_idx=module.padding_idx, device="meta")
 
 
@@ -124,6 +163,26 @@ def manifest_metas(manifest: Manifest) -> dict[str, QuantMeta]:
             except Exception as exc:  # ConvertError from the meta's own checks, TypeError on a bad field
                 raise StoreError(f"stage {stage.name}: quantized module {local!r}: {exc}") from None
     return metas
+
+
+def stage_compute_bytes(manifest: Manifest) -> dict[str, int]:
+    """Stage name -> memory its quantized Linears' kernel tables take while it is bound (0 for float stages).
+
+    Counted by the planners: held for good by a resident stage, for one stage at a time while streaming.
+    Gathered tables (embeddings) compute from the rows they gather and take none.
+    """
+    dtype = getattr(torch, manifest.dtype, torch.float32)
+    out = {}
+    for stage in manifest.stages:
+        total = 0
+        for local, raw in stage.quant.items():
+            meta = QuantMeta.from_dict(raw)
+            prefix = f"{local}." if local else ""
+            if any(name.startswith(prefix) for name in stage.gather):
+                continue
+            total += prepared_bytes(meta, store_policy(dtype, meta.shape[0] * meta.shape[1], meta.shape[1]))
+        out[stage.name] = total
+    return out
 
 
 def is_quant_part(full_name: str, metas: dict[str, QuantMeta]) -> bool:
