@@ -35,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing listens there: say so now instead of retrying into silence.
         return _fail(args, EXIT_UNAVAILABLE, "unreachable", f"no daemon socket at {path} (is hermesd running?)")
     try:
-        with Client(args.endpoint, timeout=args.timeout, retries=args.retries) as client:
+        client = Client(args.endpoint, timeout=args.timeout, retries=args.retries, server_key=args.server_key,
+                        client_key=args.client_key)
+    except ValueError as exc:  # an unreadable key file, a malformed key
+        print(f"hermes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
             return args.handler(client, args)
     except DaemonUnreachable as exc:
         return _fail(args, EXIT_UNAVAILABLE, "unreachable", str(exc))
@@ -71,6 +77,11 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=default(10.0),
                         help="seconds to wait for each reply (default 10)")
     common.add_argument("--retries", type=int, default=default(3), help="resends before giving up (default 3)")
+    common.add_argument("--server-key", default=default(None), metavar="KEY|FILE",
+                        help="tcp:// with CURVE: the daemon's public key or server.key file "
+                             "(default: $HERMES_SERVER_KEY)")
+    common.add_argument("--client-key", default=default(None), metavar="FILE",
+                        help="tcp:// with CURVE: this client's NAME.key_secret file (default: $HERMES_CLIENT_KEY)")
     common.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
     return common
 

@@ -22,6 +22,7 @@ import zmq
 
 from hermes_client import protocol
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
+from hermes_client.keys import curve_keys
 from hermes_client.protocol import FINAL, Op, Reply
 
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
@@ -59,13 +60,17 @@ class Client:
     """A connection to one hermesd endpoint. Not thread-safe: use one Client per thread.
 
     timeout: seconds to wait for each reply before retrying; retries: resends before giving up
-    with DaemonUnreachable.
+    with DaemonUnreachable. server_key, client_key: CURVE for a ``tcp://`` endpoint (see
+    hermes_client.keys; default ``$HERMES_SERVER_KEY`` and ``$HERMES_CLIENT_KEY``). A daemon that
+    refuses the key never answers: the client gives up with DaemonUnreachable.
     """
 
     def __init__(self, endpoint: str | None = None, timeout: float = 10.0, retries: int = 3,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         ipc_path(self.endpoint)  # a malformed endpoint is a ValueError here, not a ZMQError at connect
+        self._keys = curve_keys(server_key, client_key) if self.endpoint.startswith("tcp://") else None
         self.timeout = timeout
         self.retries = retries
         self._context = context or zmq.Context.instance()
@@ -78,6 +83,8 @@ class Client:
     def _connect(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(socket)
         socket.connect(self.endpoint)
         self._socket = socket
 

@@ -86,7 +86,8 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_MODEL = "unknown_model"
     INVALID_PARAMS = "invalid_params"      # refused before queueing, or by the task when it starts
     BUSY = "busy"                          # the queue is full: retry later
-    NOT_FOUND = "not_found"                # no such job (or its result has expired)
+    NOT_FOUND = "not_found"                # no such job of yours (or its result has expired)
+    CONFLICT = "conflict"                  # a client_job_id reused for a different job
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TASK_FAILED = "task_failed"            # the model could not run the job (e.g. a damaged store)
     OVERHEATED = "overheated"              # the device is too hot to take new jobs

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     endpoint: str | None = None
     tcp_endpoint: str | None = None
     socket_mode: str = "0660"
+    allow_insecure_tcp: bool = False       # serve tcp_endpoint without CURVE (every TCP client is one identity)
+    curve_keys_dir: Path | None = None     # server.key / server.key_secret (`hermesd keys`); default state_dir/curve
+    curve_clients_dir: Path | None = None  # allowed clients' public *.key files; default curve_keys_dir/clients
     max_message_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 30)
     max_message_frames: int = Field(default=3, ge=3, le=64)
     max_stop_strings: int = Field(default=16, ge=0, le=1024)
@@ -123,6 +126,12 @@ class Settings(BaseSettings):
     def resolved_state_dir(self) -> Path:
         """state_dir, else systemd's $STATE_DIRECTORY, else /var/lib/hermesd."""
         return self.state_dir or Path(os.environ.get("STATE_DIRECTORY", "/var/lib/hermesd").split(":")[0])
+
+    def resolved_curve_keys_dir(self) -> Path:
+        return self.curve_keys_dir or self.resolved_state_dir() / "curve"
+
+    def resolved_curve_clients_dir(self) -> Path:
+        return self.curve_clients_dir or self.resolved_curve_keys_dir() / "clients"
 
     def resolved_endpoint(self) -> str:
         return self.endpoint or f"ipc://{self.resolved_runtime_dir() / 'hermesd.sock'}"
@@ -175,7 +184,8 @@ def _relative_to(settings: Settings, base: Path) -> Settings:
     def resolve(path: Path | None) -> Path | None:
         return None if path is None or path.is_absolute() else (base / path).resolve()
 
-    updates: dict[str, Any] = {name: resolve(getattr(settings, name)) for name in ("runtime_dir", "state_dir")
+    names = ("runtime_dir", "state_dir", "curve_keys_dir", "curve_clients_dir")
+    updates: dict[str, Any] = {name: resolve(getattr(settings, name)) for name in names
                                if getattr(settings, name) is not None and not getattr(settings, name).is_absolute()}
     models = {name: model.model_copy(update={"store": resolve(model.store) or model.store})
               for name, model in settings.models.items()}

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Reply
 
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
+from hermesd.daemon.curve import reload_clients
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
 from hermesd.daemon.hosting import ModelHost, open_model
@@ -76,6 +78,7 @@ class Daemon:
         self.context: zmq.Context | None = None
         self.router: zmq.Socket | None = None
         self.endpoints: list[str] = []
+        self.authenticator: ThreadAuthenticator | None = None  # ZAP handler of a CURVE tcp_endpoint
         self.poller = zmq.Poller()
         self._lock_fd: int | None = None
         self._signals: list[int] = []
@@ -148,7 +151,7 @@ class Daemon:
 
     def _bind(self) -> None:
         self.context = zmq.Context()
-        self.router, self.endpoints = open_router(self.context, self.settings)
+        self.router, self.endpoints, self.authenticator = open_router(self.context, self.settings)
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.wakeup.reader.fileno(), zmq.POLLIN)
 
@@ -182,6 +185,8 @@ class Daemon:
             self._handle_events()  # record what ended while stopping
         if self.router is not None:
             self.router.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         if self.context is not None:
             self.context.term()
         if not self.executor.is_alive():
@@ -244,6 +249,7 @@ class Daemon:
         self.queue.capacity = new.queue_size
         self.executor.progress_interval_s = new.progress_interval_s
         self.watchdogs.configure(new)
+        reload_clients(self.authenticator, new)
         logs.set_level(new.log_level)
         self.settings = new
         self.notifier.ready(self._status_line())
@@ -276,7 +282,7 @@ class Daemon:
                 log.debug("message dropped: %s", incoming.problem)  # debug: a flood must not flood the log
                 self.send(incoming.envelope, {**protocol.error(ErrorCode.TOO_LARGE, incoming.problem), "rid": None})
             elif incoming.payload is not None:
-                self.handlers.dispatch(incoming.envelope, incoming.payload)
+                self.handlers.dispatch(incoming.envelope, incoming.payload, incoming.identity)
 
     def send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
         """Send to one client; False if it is gone (its job's result stays fetchable by id)."""

@@ -29,12 +29,12 @@ class DaemonView:
     models: list[str] = field(default_factory=list)
 
 
-def status_reply(view: DaemonView) -> dict[str, Any]:
-    """The protocol's ``status`` reply."""
+def status_reply(view: DaemonView, owner: str) -> dict[str, Any]:
+    """The protocol's ``status`` reply to ``owner``: the running job's id only if it is theirs."""
     current = None
     if view.current is not None:
         record = view.current.record
-        current = {"id": record.id, "model": record.model, "task": record.task,
+        current = {"id": record.id if record.owner == owner else None, "model": record.model, "task": record.task,
                    "running_s": round(time.time() - (record.started or record.submitted), 3)}
     return {"type": Reply.STATUS.value, "state": view.state, "version": view.version,
             "uptime_s": round(view.uptime_s, 3), "pid": os.getpid(), "queued": view.queued, "current_job": current,
