@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import torch
 from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
+from transformers import StoppingCriteriaList
 
+from hermesd.decoding import StepControl
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
 
@@ -57,11 +59,15 @@ MAX_IMAGE_BYTES = 32 << 20  # one image file; a larger one is refused before it 
 
 
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
-             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused."""
+             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused.
+
+    ``check`` is called after tokenizing and after each generated token; it may raise to end the job
+    (the daemon's cancel and deadline), as the engine's stage checkpoints do between stages.
+    """
     params = check_params(task, params or {})
     if task == "generate":
-        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token)
+        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token, check=check)
     if task == "embed":
         return embed(engine, inputs, **params)
     if task == "classify":
@@ -140,12 +146,14 @@ def _can_generate(engine: Engine) -> bool:
 
 # -- generate -----------------------------------------------------------------------------------
 def generate(engine: Engine, prompt: str | list[dict[str, str]], params: GenerateParams = GenerateParams(),
-             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Continue ``prompt`` (text, or chat messages) and return the new text."""
     _require(_can_generate(engine), f"{engine.manifest.architecture} is not a causal language model")
     tokenizer = engine.tokenizer
     input_ids = _prompt_ids(tokenizer, prompt, params.chat)
     _check_length(engine, input_ids)
+    if check is not None:
+        check()  # a long prompt takes a while to tokenize: a cancel meanwhile ends the job here
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "attention_mask": torch.ones_like(input_ids)}
     if params.temperature > 0:
         kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
@@ -154,8 +162,8 @@ def generate(engine: Engine, prompt: str | list[dict[str, str]], params: Generat
             torch.manual_seed(params.seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if params.stop:
-        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([StepControl(tokenizer, input_ids.shape[1], params.stop,
+                                                                    check)])
     if on_token is not None:
         kwargs["streamer"] = _TokenCounter(on_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

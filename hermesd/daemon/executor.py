@@ -154,7 +154,8 @@ class Executor(threading.Thread):
             progress = _Progress(self, job, host)
             host.engine.set_checkpoint(progress.stage)
             try:
-                result = run_task(host.engine, record.task, record.inputs, params, on_token=progress.token)
+                result = run_task(host.engine, record.task, record.inputs, params, on_token=progress.token,
+                                  check=progress.step)
             finally:
                 host.engine.set_checkpoint(None)
             stats = host.engine.stats.to_dict()
@@ -222,6 +223,11 @@ class _Progress:
         self.prefetch_paused_stages += paused
         self.stages += 1
         self._maybe_send()
+
+    def step(self) -> None:
+        """After tokenizing and after each generated token: cancel and deadline end the job here too."""
+        self.executor.last_progress = time.monotonic()
+        self.executor._check(self.job)
 
     def token(self, token_id: int) -> None:
         self.tokens += 1

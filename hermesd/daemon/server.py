@@ -342,7 +342,8 @@ class Daemon:
             self.journal.purge(self.settings.result_retention_s)
 
     def _executor_healthy(self) -> bool:
-        """Alive and making progress: the only condition under which systemd's watchdog is fed."""
+        """Alive and making progress: the only condition under which systemd's watchdog is fed, and what
+        ``status`` reports as the executor's health."""
         limit = self.settings.executor_stall_s or (self.notifier.watchdog_usec or 60e6) / 1e6
         stalled_for = time.monotonic() - self.executor.last_progress
         healthy = self.executor.is_alive() and stalled_for < limit
@@ -354,7 +355,7 @@ class Daemon:
     def view(self) -> DaemonView:
         return DaemonView(state=self.state.value, version=__version__, uptime_s=time.monotonic() - self.started,
                           queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
-                          executor_healthy=self.executor.is_alive(),
+                          executor_healthy=self._executor_healthy(),
                           since_progress_s=time.monotonic() - self.executor.last_progress,
                           watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
 
