@@ -27,11 +27,14 @@ PROMPT = "w5 w17 w230 w42"
 def daemon(daemon_stores, tmp_path_factory):
     stores = daemon_stores
     root = tmp_path_factory.mktemp("daemon")
+    images = tmp_path_factory.mktemp("images")
     write_config(root, {"llama": {"store": stores["llama"], "prefetch": 1, "max_new_tokens": 64},
                         "bert": {"store": stores["bert"], "prefetch": 2, "max_prompt_tokens": 32},
                         "cls": {"store": stores["bert-cls"]}, "vit": {"store": stores["vit"]}},
-                 queue_size=2, max_message_bytes=65536, progress_interval_s=0.0, executor_stall_s=1.0)
+                 queue_size=2, max_message_bytes=65536, progress_interval_s=0.0, executor_stall_s=1.0,
+                 image_dirs=[str(images)], max_image_bytes=20_000, max_image_pixels=250_000)
     running = start_daemon(root, hooked=True)
+    running.images = images
     yield running
     assert running.stop() == 0, running.log()
 
@@ -330,21 +333,50 @@ def test_frames_past_the_envelope_and_payload_or_the_byte_limit_are_dropped_with
     assert client.ping()["type"] == "pong"
 
 
-def test_classify_refuses_fifos_devices_links_and_non_images_alike_without_blocking(client, tmp_path):
+def _png(size: tuple[int, int], noise: bool = False) -> bytes:
+    import io
+
     from PIL import Image
 
-    good = tmp_path / "red.png"
-    Image.new("RGB", (40, 40), "red").save(good)
-    fifo = tmp_path / "fifo.png"
-    os.mkfifo(fifo)  # opened for reading with blocking I/O, this holds the executor until a writer comes
-    link = tmp_path / "link.png"
-    link.symlink_to(good)
-    text = tmp_path / "notes.png"
-    text.write_text("not an image")
+    image = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)) if noise else Image.new("RGB", size, "red")
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_classify_takes_image_bytes_within_the_byte_and_pixel_limits(daemon, client):
+    assert client.classify("vit", [_png((40, 40))], top_k=1)["labels"][0][0]["label"] in {"cat", "dog", "bird"}
+    before = client.status()["jobs"]
+    for inputs, named in (([_png((600, 600))], "max_image_pixels"), ([_png((100, 100), noise=True)], "max_image_bytes"),
+                          ([_png((8, 8)), b"GIF89a but not really"], "image 1: not an image")):
+        with pytest.raises(ServerError) as info:  # refused at submit: the header is read, nothing decoded
+            client.submit("classify", "vit", inputs)
+        assert info.value.code == "invalid_params" and named in info.value.message, info.value.message
+    with pytest.raises(ServerError) as info:
+        client.submit("classify", "cls", [_png((8, 8))])
+    assert info.value.code == "invalid_params" and "inputs must be strings" in info.value.message
+    assert client.status()["jobs"] == before
+
+
+def test_classify_reads_files_only_under_image_dirs_and_refuses_the_rest_alike(daemon, client, tmp_path):
+    images = daemon.images
+    good = images / "red.png"
+    good.write_bytes(_png((40, 40)))
+    os.mkfifo(images / "fifo.png")  # opened for reading with blocking I/O, this would hold the executor
+    (images / "link.png").symlink_to(good)
+    (images / "notes.png").write_text("not an image")
+    (images / "etc").symlink_to("/etc")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(_png((40, 40)))
     messages = set()
-    for path in (fifo, "/dev/zero", link, tmp_path / "missing.png", text, tmp_path, "/etc/passwd"):
+    for name in ("fifo.png", "link.png", "missing.png", "notes.png"):  # allowed place, refused when read
         with pytest.raises(JobFailed) as info:  # a TimeoutError if the executor blocked on it
-            client.classify("vit", [str(good), str(path)], timeout=15)
+            client.classify("vit", [str(good), str(images / name)], timeout=15)
+        assert info.value.code == "invalid_params", (name, info.value.message)
+        messages.add(info.value.message)
+    for path in ("/dev/zero", "/etc/passwd", outside, images / "etc" / "passwd", f"{images}/../{tmp_path.name}/x"):
+        with pytest.raises(ServerError) as info:  # outside image_dirs: refused at submit
+            client.submit("classify", "vit", [str(good), str(path)])
         assert info.value.code == "invalid_params", (path, info.value.message)
         messages.add(info.value.message)
     assert len(messages) == 1 and next(iter(messages)).startswith("image 1: not allowed or not readable")

@@ -39,7 +39,8 @@ def secured(daemon_stores, tmp_path_factory):
     run_dir = Path(tempfile.mkdtemp(prefix="hermesd-sec-"))  # outside pytest's 0700 tree: other uids reach it
     run_dir.chmod(0o711)
     tcp = f"tcp://127.0.0.1:{_free_port()}"
-    config = write_config(root, {"bert": {"store": daemon_stores["bert"], "max_prompt_tokens": 32}},
+    config = write_config(root, {"bert": {"store": daemon_stores["bert"], "max_prompt_tokens": 32},
+                                 "vit": {"store": daemon_stores["vit"]}},
                           endpoint=f"ipc://{run_dir}/hermesd.sock", socket_mode="0666", tcp_endpoint=tcp)
     made = _hermesd("keys", "--config", str(config))
     assert made.returncode == 0 and "server public key" in made.stdout, made.stderr
@@ -181,3 +182,18 @@ def test_tcp_without_keys_refuses_to_start_unless_insecure_is_allowed(daemon_sto
         assert "without CURVE" in insecure.log()
     finally:
         assert insecure.stop() == 0
+
+
+def test_image_paths_are_off_by_default_and_the_cli_sends_image_bytes(secured, tmp_path):
+    from PIL import Image
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(picture)
+    with pytest.raises(ServerError) as info:
+        secured.client().submit("classify", "vit", [str(picture)])
+    assert info.value.code == "invalid_params" and "image_dirs" in info.value.message
+    sent = subprocess.run([sys.executable, "-m", "hermes_client.cli", "--endpoint", secured.endpoint, "--json",
+                           "classify", "--model", "vit", "--image", str(picture)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": CHILD_PATH}, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert '"label"' in sent.stdout

@@ -114,8 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     embed.set_defaults(handler=_cmd_job, task="embed")
 
     classify = commands.add_parser("classify", parents=[common, job_options],
-                                   help="classify texts or image paths the daemon can read")
-    classify.add_argument("inputs", nargs="+")
+                                   help="classify texts, or images (--image)")
+    classify.add_argument("inputs", nargs="*", help="texts, or image paths the daemon may read (its image_dirs)")
+    classify.add_argument("--image", action="append", default=[], metavar="FILE",
+                          help="an image file read here and sent as bytes (repeatable)")
     classify.set_defaults(handler=_cmd_job, task="classify")
 
     for name, handler, help_text in (("status", _cmd_status, "daemon state, queue, memory, temperature"),
@@ -152,7 +154,18 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 def _inputs(args: argparse.Namespace) -> Any:
     if args.task == "generate":
         return " ".join(args.prompt)
-    return list(args.texts if args.task == "embed" else args.inputs)
+    if args.task == "embed":
+        return list(args.texts)
+    images = []
+    for path in args.image:
+        try:
+            with open(path, "rb") as handle:
+                images.append(handle.read())
+        except OSError as exc:
+            raise SystemExit(f"hermes: --image {path}: {exc.strerror or exc}") from None
+    if not images and not args.inputs:
+        raise SystemExit("hermes: classify wants texts, image paths or --image FILE")
+    return [*args.inputs, *images]
 
 
 def _cmd_job(client: Client, args: argparse.Namespace) -> int:

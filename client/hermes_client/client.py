@@ -198,9 +198,10 @@ class Client:
         """Embed texts and wait: {"embeddings": [[float]], "stats", ...}."""
         return self.submit("embed", model, texts, params).result(timeout)
 
-    def classify(self, model: str, inputs: str | list[str], timeout: float | None = None,
+    def classify(self, model: str, inputs: str | bytes | list[str | bytes], timeout: float | None = None,
                  **params: Any) -> dict[str, Any]:
-        """Classify texts (or image paths the daemon can read) and wait: {"labels": [[{label, score}]]}."""
+        """Classify texts, or images (their bytes, or paths under the daemon's image_dirs), and wait:
+        {"labels": [[{label, score}]]}."""
         return self.submit("classify", model, inputs, params).result(timeout)
 
     # -- job events -----------------------------------------------------------------------------

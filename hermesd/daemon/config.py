@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from hermesd.errors import HermesError
+from hermesd.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImagePolicy
 from hermesd.units import parse_size
 from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
@@ -84,6 +85,9 @@ class Settings(BaseSettings):
     max_message_frames: int = Field(default=3, ge=3, le=64)
     max_stop_strings: int = Field(default=16, ge=0, le=1024)
     max_stop_chars: int = Field(default=64, ge=1, le=4096)
+    max_image_bytes: int = Field(default=4 << 20, ge=1024, le=MAX_IMAGE_BYTES)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, le=1 << 28)
+    image_dirs: list[Path] = Field(default_factory=list)  # classify may read image files only under these
     max_forward_output_bytes: int = Field(default=MAX_FORWARD_VALUES * 4, ge=4096, le=MAX_FORWARD_VALUES * 4)
     heartbeat_s: float = Field(default=5.0, ge=0)
     queue_size: int = Field(default=32, ge=1, le=100_000)
@@ -126,6 +130,11 @@ class Settings(BaseSettings):
     def resolved_state_dir(self) -> Path:
         """state_dir, else systemd's $STATE_DIRECTORY, else /var/lib/hermesd."""
         return self.state_dir or Path(os.environ.get("STATE_DIRECTORY", "/var/lib/hermesd").split(":")[0])
+
+    def image_policy(self) -> ImagePolicy:
+        """What classify jobs may read: images as bytes, files only under ``image_dirs`` (resolved)."""
+        return ImagePolicy(dirs=tuple(Path(os.path.realpath(d)) for d in self.image_dirs),
+                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
     def resolved_curve_keys_dir(self) -> Path:
         return self.curve_keys_dir or self.resolved_state_dir() / "curve"
@@ -190,4 +199,5 @@ def _relative_to(settings: Settings, base: Path) -> Settings:
     models = {name: model.model_copy(update={"store": resolve(model.store) or model.store})
               for name, model in settings.models.items()}
     thermal = settings.thermal.model_copy(update={"paths": [resolve(p) or p for p in settings.thermal.paths]})
-    return settings.model_copy(update=updates | {"models": models, "thermal": thermal})
+    image_dirs = [resolve(d) or d for d in settings.image_dirs]
+    return settings.model_copy(update=updates | {"models": models, "thermal": thermal, "image_dirs": image_dirs})

@@ -21,6 +21,7 @@ from hermes_client.protocol import ErrorCode, JobState
 from hermesd.daemon.hosting import ModelHost
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.errors import HermesError, StoreError, TaskError
+from hermesd.images import ImagePolicy
 from hermesd.tasks import run_task
 from hermesd.watchdog.gate import Gate
 
@@ -65,13 +66,15 @@ class Executor(threading.Thread):
     """Runs queued jobs one at a time on the loaded models."""
 
     def __init__(self, jobs: JobQueue, hosts: dict[str, ModelHost], wake: Callable[[], None],
-                 progress_interval_s: float = 0.25, before_job: JobHook | None = None) -> None:
+                 progress_interval_s: float = 0.25, before_job: JobHook | None = None,
+                 images: ImagePolicy = ImagePolicy(dirs=())) -> None:
         super().__init__(name="hermesd-executor", daemon=True)
         self.jobs = jobs
         self.hosts = hosts
         self.outbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.gate = Gate()
         self.progress_interval_s = progress_interval_s
+        self.images = images  # where classify may read image files, how large images may be (config)
         self.current: QueuedJob | None = None
         self.last_progress = time.monotonic()
         self.paused_s = 0.0  # time held by the gate, this job
@@ -155,7 +158,7 @@ class Executor(threading.Thread):
             host.engine.set_checkpoint(progress.stage)
             try:
                 result = run_task(host.engine, record.task, record.inputs, params, on_token=progress.token,
-                                  check=progress.step)
+                                  check=progress.step, images=self.images)
             finally:
                 host.engine.set_checkpoint(None)
             stats = host.engine.stats.to_dict()

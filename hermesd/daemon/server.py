@@ -72,7 +72,7 @@ class Daemon:
         self.watchdogs = Watchdogs(settings)
         self.wakeup = WakePair()
         self.executor = Executor(self.queue, self.hosts, self.wakeup.wake, settings.progress_interval_s,
-                                 before_job=executor_hook)
+                                 before_job=executor_hook, images=settings.image_policy())
         self.handlers = RequestHandlers(self)
         self.journal: Journal | None = None  # opened by startup(), once the state directory is locked
         self.context: zmq.Context | None = None
@@ -248,6 +248,7 @@ class Daemon:
             self.executor.between_jobs(lambda: self._swap_models(new, changed, removed))
         self.queue.capacity = new.queue_size
         self.executor.progress_interval_s = new.progress_interval_s
+        self.executor.images = new.image_policy()
         self.watchdogs.configure(new)
         reload_clients(self.authenticator, new)
         logs.set_level(new.log_level)
