@@ -309,13 +309,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.check:
         return serve(args.config)
+    from hermesd.daemon.preflight import check_settings
+
     try:
         settings = load_settings(args.config)
+        models = check_settings(settings)  # stores, defaults, budgets, keys: what serve would refuse
     except ConfigError as exc:
         print(f"hermesd: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     print(f"config ok: {len(settings.models)} model(s) ({', '.join(settings.models)}), "
           f"endpoint {settings.resolved_endpoint()}, state {settings.resolved_state_dir()}")
+    for line in models:
+        print(f"  {line}")
     return 0
 
 

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
+from hermes_client.protocol import (
+    MAX_FORWARD_VALUES,
+    MAX_NEW_TOKENS,
+    TASK_NAMES,
+    is_int,
+    is_number,
+)
 from transformers import StoppingCriteriaList
 
 from hermesd.decoding import StepControl
@@ -144,15 +150,21 @@ def _check_length(engine: Engine, input_ids: torch.Tensor) -> None:
              f"input of {input_ids.shape[-1]} tokens is longer than this model's limit of {limit} tokens")
 
 
-def _can_generate(engine: Engine) -> bool:
-    return engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
+def task_problem(task: str, architecture: str) -> str | None:
+    """Why a model of ``architecture`` cannot run ``task`` (None: it can). The daemon asks at submit."""
+    if task == "generate" and not architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return f"{architecture} is not a causal language model: it cannot generate"
+    if task == "classify" and not architecture.endswith(("ForSequenceClassification", "ForImageClassification")):
+        return f"{architecture} has no classification head"
+    return None
 
 
 # -- generate -----------------------------------------------------------------------------------
 def generate(engine: Engine, prompt: str | list[dict[str, str]], params: GenerateParams = GenerateParams(),
              on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Continue ``prompt`` (text, or chat messages) and return the new text."""
-    _require(_can_generate(engine), f"{engine.manifest.architecture} is not a causal language model")
+    problem = task_problem("generate", engine.manifest.architecture)
+    _require(problem is None, problem or "")
     tokenizer = engine.tokenizer
     input_ids = _prompt_ids(tokenizer, prompt, params.chat)
     _check_length(engine, input_ids)
@@ -260,9 +272,8 @@ def classify(engine: Engine, inputs: str | list[str | bytes], top_k: int = 5,
              images: ImagePolicy = ImagePolicy()) -> dict[str, Any]:
     """Labels with softmax scores for each input: texts, or for image models images (bytes) or the
     paths of image files that ``images`` allows."""
-    architecture = engine.manifest.architecture
-    _require(architecture.endswith(("ForSequenceClassification", "ForImageClassification")),
-             f"{architecture} has no classification head")
+    problem = task_problem("classify", engine.manifest.architecture)
+    _require(problem is None, problem or "")
     _classify_options(top_k)
     if engine.model.main_input_name == "pixel_values":
         items = [inputs] if isinstance(inputs, (str, bytes)) else inputs

@@ -14,7 +14,14 @@ import pytest
 import torch
 import zmq
 from daemon_support import start_daemon, wait_for_state, write_config
-from hermes_client import ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
+from hermes_client import (
+    ErrorCode,
+    JobCancelled,
+    JobFailed,
+    ServerError,
+    TryLater,
+    protocol,
+)
 from hooked_daemon import hang_input
 
 import hermesd
@@ -176,9 +183,14 @@ def test_client_side_errors_are_typed(client):
     with pytest.raises(ServerError) as info:
         client.submit("generate", "nope", "x")
     assert info.value.code == "unknown_model"
-    with pytest.raises(JobFailed) as info:  # passes validation, fails when the model runs it
-        client.generate("cls", "w1")
+    before = client.status()["jobs"]
+    with pytest.raises(ServerError) as info:  # a task the model cannot run: refused at submit, not journaled
+        client.submit("generate", "cls", "w1")
     assert info.value.code == "invalid_params" and "not a causal language model" in info.value.message
+    assert client.status()["jobs"] == before
+    with pytest.raises(JobFailed) as info:  # passes validation, fails when the model runs it
+        client.embed("bert", " ".join(f"w{i}" for i in range(40)))
+    assert info.value.code == "invalid_params"
 
 
 def test_full_queue_answers_busy_and_cancel_takes_queued_jobs_out(client):

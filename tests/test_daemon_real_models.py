@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-
 import time
 
 import pytest
 from daemon_support import start_daemon, write_config
-from hermes_client import JobCancelled
+from hermes_client import JobCancelled, ServerError
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +42,12 @@ def test_minilm_embeddings_rank_related_sentences_higher(daemon):
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731  (normalized by the model's defaults)
     assert dot(vectors[0], vectors[0]) == pytest.approx(1.0, abs=1e-4)
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]) + 0.2
+    client = daemon.client()
+    before = client.status()["jobs"]
+    with pytest.raises(ServerError) as info:  # an encoder cannot generate: refused at submit, not journaled
+        client.submit("generate", "minilm", "Hello")
+    assert info.value.code == "invalid_params" and "cannot generate" in info.value.message
+    assert client.status()["jobs"] == before
 
 
 def test_a_cancel_stops_a_running_generate_within_a_second(daemon):

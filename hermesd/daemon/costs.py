@@ -19,6 +19,7 @@ from hermesd.errors import Refused
 from hermesd.images import allowed_path, image_pixels
 from hermesd.images import refused as refused_image
 from hermesd.store.manifest import Manifest
+from hermesd.tasks import task_problem
 
 TOKENS_PER_TEXT_SLACK = 8  # special tokens a tokenizer may add around a text (BOS, EOS, CLS, SEP, ...)
 LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM")
@@ -65,7 +66,11 @@ class ModelShape:
 
 def check_costs(task: str, inputs: Any, params: dict[str, Any], model: ModelSettings, shape: ModelShape,
                 settings: Settings) -> None:
-    """Refused(invalid_params) when the job is over one of the limits; inputs are already type-checked."""
+    """Refused(invalid_params) when the model cannot run the task or the job is over one of the limits;
+    inputs are already type-checked."""
+    problem = task_problem(task, shape.architecture)
+    if problem is not None:
+        raise Refused(ErrorCode.INVALID_PARAMS, problem)
     if task == "generate":
         _check_stops(params.get("stop") or (), settings)
     elif task == "forward":

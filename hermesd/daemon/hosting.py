@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from hermesd.daemon.config import ConfigError, ModelSettings
+from hermesd.daemon.preflight import check_defaults, workload_of
 from hermesd.engine import Engine
 from hermesd.errors import BudgetError, StoreError
-from hermesd.plan.workload import Workload
 from hermesd.planning import resolve
 from hermesd.store.manifest import Manifest
 
@@ -42,11 +42,6 @@ class ModelHost:
         self.engine.close()
 
 
-def workload_of(settings: ModelSettings) -> Workload:
-    """The largest job a model's config allows: what its plan must fit in the budget."""
-    return Workload(prompt_tokens=settings.max_prompt_tokens, new_tokens=settings.max_new_tokens)
-
-
 def open_model(name: str, settings: ModelSettings, progress: Callable[[str], None] = lambda _: None) -> ModelHost:
     """Open a model's store under the plan ``hermesd.planning.resolve`` decides for its settings.
 
@@ -55,9 +50,10 @@ def open_model(name: str, settings: ModelSettings, progress: Callable[[str], Non
     the model's minimum is a ConfigError: the config names something that cannot work.
     """
     try:
-        Manifest.load(settings.store)
+        manifest = Manifest.load(settings.store)
     except StoreError as exc:
         raise ConfigError(f"models.{name}.store: {exc}") from None
+    check_defaults(name, settings, manifest.architecture)  # a typo in a default would fail every job
 
     def say(message: str) -> None:
         progress(f"model {name}: {message}")

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Reply
+from zmq.auth.thread import ThreadAuthenticator
 
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
