@@ -6,8 +6,15 @@
 """
 
 from hermes_client.client import Client, Job, default_endpoint
-from hermes_client.errors import (Conflict, DaemonUnreachable, HermesClientError, JobCancelled, JobFailed,
-                                   ServerError, TryLater)
+from hermes_client.errors import (
+    Conflict,
+    DaemonUnreachable,
+    HermesClientError,
+    JobCancelled,
+    JobFailed,
+    ServerError,
+    TryLater,
+)
 from hermes_client.protocol import PROTOCOL_VERSION, ErrorCode, JobState
 
 __version__ = "0.1.0"
