@@ -146,6 +146,9 @@ def _texts(inputs: Any) -> list[str]:
 def _check_length(engine: Engine, input_ids: torch.Tensor) -> None:
     """Refuse inputs longer than the engine's plan was made for (its memory budget assumes the length)."""
     limit = engine.max_input_tokens
+    # Text of only spaces (or nothing a word-level tokenizer knows) can make no tokens at all; a model
+    # given zero positions fails deep inside (found by tests/test_daemon_fuzz.py).
+    _require(input_ids.shape[-1] > 0, "the input makes no tokens; send some text")
     _require(limit is None or input_ids.shape[-1] <= limit,
              f"input of {input_ids.shape[-1]} tokens is longer than this model's limit of {limit} tokens")
 

@@ -230,10 +230,15 @@ def test_cancel_mid_job_ends_it_between_stages_and_the_executor_moves_on(client)
     assert client.generate("llama", PROMPT, max_new_tokens=3)["new_tokens"] == 3
 
 
-def test_inputs_longer_than_the_plan_allows_fail_the_job(client):
+def test_inputs_longer_than_the_plan_allows_fail_the_job(daemon, client):
     with pytest.raises(JobFailed) as info:
         client.embed("bert", " ".join(f"w{i}" for i in range(40)))  # the bert model allows 32 tokens
     assert info.value.code == "invalid_params" and "limit of 32 tokens" in info.value.message
+    for task, model in (("embed", "llama"), ("generate", "llama"), ("forward", "bert")):  # found by the fuzz test
+        with pytest.raises(JobFailed) as info:  # spaces only: no tokens; the model used to crash on it
+            client.submit(task, model, "   ").result(60)
+        assert info.value.code == "invalid_params" and "makes no tokens" in info.value.message
+    assert "Traceback" not in daemon.log()
 
 
 def test_deadline_passes_while_queued(client):
