@@ -195,7 +195,7 @@ class Client:
 
     def generate(self, model: str, prompt: str | list[dict[str, str]], timeout: float | None = None,
                  **params: Any) -> dict[str, Any]:
-        """Generate text and wait for it: {"text", "tokens", "finish_reason", "stats", ...}."""
+        """Generate text and wait for it: {"text", "prompt_tokens", "new_tokens", "finish_reason", "stats"}."""
         return self.submit("generate", model, prompt, params).result(timeout)
 
     def embed(self, model: str, texts: str | list[str], timeout: float | None = None,
