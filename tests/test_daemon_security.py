@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import msgpack
@@ -152,6 +154,22 @@ def test_curve_refuses_no_key_and_unknown_keys(secured):
     with pytest.raises(DaemonUnreachable):
         _tcp_client(secured, server_key=server).ping()  # a throwaway key pair
     assert "Traceback" not in secured.log()
+
+
+def test_sighup_rereads_the_allowed_client_keys(secured):
+    made = _hermesd("keys", "--client", "carol", "--dir", str(secured.elsewhere))
+    assert made.returncode == 0
+    carol = dict(server_key=str(secured.keys / "server.key"), client_key=str(secured.elsewhere / "carol.key_secret"))
+    with pytest.raises(DaemonUnreachable):
+        _tcp_client(secured, **carol).ping()
+    (secured.keys / "clients" / "carol.key").write_bytes((secured.elsewhere / "carol.key").read_bytes())
+    reloads = secured.log().count("config reloaded")
+    secured.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while secured.log().count("config reloaded") == reloads:
+        assert time.monotonic() < deadline, secured.log()[-2000:]
+        time.sleep(0.1)
+    assert _tcp_client(secured, **carol).ping()["type"] == "pong"
 
 
 def test_the_cli_takes_keys_from_options(secured):
