@@ -124,16 +124,16 @@ def test_reusing_a_client_job_id_for_different_work_is_a_conflict(secured):
     assert first.result(60)["dimensions"] == 64
 
 
-def _tcp_client(secured, **keys) -> Client:
-    client = Client(secured.tcp, timeout=3, retries=0, **keys)
+def _tcp_client(secured, timeout: float = 1.5, **keys) -> Client:
+    client = Client(secured.tcp, timeout=timeout, retries=0, **keys)  # a refused key: silence, then unreachable
     secured.clients.append(client)
     return client
 
 
 def test_curve_lets_allowed_keys_in_and_keeps_their_jobs_apart(secured):
     server = str(secured.keys / "server.key")
-    alice = _tcp_client(secured, server_key=server, client_key=str(secured.keys / "clients" / "alice.key_secret"))
-    bob = _tcp_client(secured, server_key=server, client_key=str(secured.keys / "clients" / "bob.key_secret"))
+    alice = _tcp_client(secured, 10, server_key=server, client_key=str(secured.keys / "clients" / "alice.key_secret"))
+    bob = _tcp_client(secured, 10, server_key=server, client_key=str(secured.keys / "clients" / "bob.key_secret"))
     assert alice.ping()["type"] == "pong"
     job = alice.submit("embed", "bert", "w4")
     assert job.result(60)["dimensions"] == 64
@@ -169,7 +169,7 @@ def test_sighup_rereads_the_allowed_client_keys(secured):
     while secured.log().count("config reloaded") == reloads:
         assert time.monotonic() < deadline, secured.log()[-2000:]
         time.sleep(0.1)
-    assert _tcp_client(secured, **carol).ping()["type"] == "pong"
+    assert _tcp_client(secured, 10, **carol).ping()["type"] == "pong"
 
 
 def test_the_cli_takes_keys_from_options(secured):

@@ -53,15 +53,21 @@ def check_model(name: str, model: ModelSettings) -> str:
     return f"{name}: {manifest.architecture}, prefetch {plan.prefetch}, {len(plan.resident)} resident ({resolved.source})"
 
 
+def check_tcp(settings: Settings) -> None:
+    """A tcp_endpoint has its CURVE server key and clients directory, or allow_insecure_tcp."""
+    if settings.tcp_endpoint and not settings.allow_insecure_tcp:
+        if server_secret(settings) is None:
+            raise ConfigError(f"tcp_endpoint {settings.tcp_endpoint} needs CURVE keys: run `hermesd keys` (they go "
+                              f"to {settings.resolved_curve_keys_dir()}), or set allow_insecure_tcp = true")
+        if not settings.resolved_curve_clients_dir().is_dir():
+            raise ConfigError(f"curve_clients_dir {settings.resolved_curve_clients_dir()} does not exist: put the "
+                              f"allowed clients' public *.key files there")
+
+
 def check_settings(settings: Settings) -> list[str]:
     """Everything ``serve`` would refuse, without starting; one line per model on success."""
     lines = [check_model(name, model) for name, model in settings.models.items()]
-    if settings.tcp_endpoint and not settings.allow_insecure_tcp:
-        if server_secret(settings) is None:
-            raise ConfigError(f"tcp_endpoint {settings.tcp_endpoint} needs CURVE keys: run `hermesd keys`, or set "
-                              f"allow_insecure_tcp = true")
-        if not settings.resolved_curve_clients_dir().is_dir():
-            raise ConfigError(f"curve_clients_dir {settings.resolved_curve_clients_dir()} does not exist")
+    check_tcp(settings)
     for directory in settings.image_dirs:
         if not directory.is_dir():
             raise ConfigError(f"image_dirs: {directory} is not a directory")

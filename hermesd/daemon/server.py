@@ -32,6 +32,7 @@ from hermesd.daemon.hosting import ModelHost, open_model
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
+from hermesd.daemon.preflight import check_tcp
 from hermesd.daemon.sockets import WakePair, open_router, receive
 from hermesd.daemon.statedir import AlreadyRunning, make_private, open_state_dir
 from hermesd.daemon.status_report import DaemonView, status_line
@@ -119,6 +120,7 @@ class Daemon:
         for path in self.journal.files():  # a journal made before this rule, or under another umask
             make_private(path, 0o600)
         self.journal.purge(self.settings.result_retention_s)
+        check_tcp(self.settings)  # before minutes of model loading: a missing key is a config error
         for name, model in self.settings.models.items():
             self.notifier.extend_timeout(STARTUP_EXTEND_S, f"loading model {name}")
             log.info("loading model %s from %s", name, model.store)
