@@ -215,3 +215,44 @@ def test_image_paths_are_off_by_default_and_the_cli_sends_image_bytes(secured, t
                           env={**os.environ, "PYTHONPATH": CHILD_PATH}, timeout=120)
     assert sent.returncode == 0, sent.stderr
     assert '"label"' in sent.stdout
+
+
+NS_SERVER = """
+import os, sys, zmq
+from hermesd.daemon.identity import partial_uid_namespace
+from hermesd.daemon.sockets import receive
+router = zmq.Context().socket(zmq.ROUTER)
+router.bind(sys.argv[1])
+os.chmod(sys.argv[1][len("ipc://"):], 0o777)
+print(partial_uid_namespace(), flush=True)
+for _ in range(2):
+    router.poll(20000)
+    print(receive(router, 3, 4096).identity, flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for unshare and a second uid")
+def test_in_a_user_namespace_unmapped_uids_read_as_one_overflow_identity():
+    run_dir = Path(tempfile.mkdtemp(prefix="hermesd-ns-"))
+    run_dir.chmod(0o777)
+    endpoint = f"ipc://{run_dir}/s"
+    server = subprocess.Popen(["unshare", "-U", "-r", sys.executable, "-c", NS_SERVER, endpoint], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": CHILD_PATH})
+    try:
+        assert server.stdout.readline().strip() == "True"  # what the daemon warns about at start
+        for uid in (0, 1000):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setuid(uid)
+                    sock = zmq.Context().socket(zmq.DEALER)
+                    sock.connect(endpoint)
+                    sock.send_multipart([b"", b"x"])
+                    time.sleep(0.5)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+        assert [server.stdout.readline().strip() for _ in range(2)] == ["uid:0", "uid:65534"]
+    finally:
+        server.kill()
+        server.wait()

@@ -8,6 +8,9 @@ The identity comes from the transport, never from the message, so a client canno
   reports as the ``User-Id`` property.
 - ``tcp://`` without CURVE (``allow_insecure_tcp = true``): every client is the one identity
   ``anonymous``; nothing separates their jobs.
+
+In a user namespace that maps only some uids (systemd's ``PrivateUsers=yes``), the kernel reports
+every unmapped peer uid as the overflow uid (65534), so those peers share one identity.
 """
 
 from __future__ import annotations
@@ -39,3 +42,13 @@ def _property(frame: zmq.Frame, name: str) -> str:
     except (zmq.ZMQError, UnicodeDecodeError):  # not set for this transport or mechanism
         return ""
     return value if isinstance(value, str) else ""
+
+
+def partial_uid_namespace(uid_map: str = "/proc/self/uid_map") -> bool:
+    """Whether this process runs in a user namespace that maps fewer uids than the whole range."""
+    try:
+        with open(uid_map, encoding="ascii") as handle:
+            mapped = sum(int(line.split()[2]) for line in handle if line.strip())
+    except (OSError, ValueError, IndexError):
+        return False
+    return mapped < 4294967295

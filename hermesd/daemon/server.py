@@ -28,6 +28,7 @@ from hermesd.daemon.config import ConfigError, Settings, load_settings
 from hermesd.daemon.curve import reload_clients
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
+from hermesd.daemon.identity import partial_uid_namespace
 from hermesd.daemon.hosting import ModelHost, open_model
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
@@ -121,6 +122,9 @@ class Daemon:
             make_private(path, 0o600)
         self.journal.purge(self.settings.result_retention_s)
         check_tcp(self.settings)  # before minutes of model loading: a missing key is a config error
+        if partial_uid_namespace():
+            log.warning("in a user namespace (PrivateUsers=): local clients whose uid is not mapped all read as "
+                        "uid 65534 and share one job identity")
         for name, model in self.settings.models.items():
             self.notifier.extend_timeout(STARTUP_EXTEND_S, f"loading model {name}")
             log.info("loading model %s from %s", name, model.store)
