@@ -188,6 +188,15 @@ def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert client.embed("bert", "w6")["dimensions"] == 64  # still serving on the old config
+
+    write_config(tmp_path, _models(daemon_stores, bert={"store": daemon_stores["bert"],
+                                                        "defaults": {"embed": {"normalise": True}}}))
+    daemon.send_signal(signal.SIGHUP)  # a typo in a default is refused too, not applied to every job
+    deadline = time.monotonic() + 10
+    while "models.bert.defaults.embed" not in daemon.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.embed("bert", "w6")["dimensions"] == 64
     assert daemon.stop() == 0
 
 

@@ -35,6 +35,16 @@ def check_defaults(name: str, model: ModelSettings, architecture: str) -> None:
                               f"max_new_tokens of {model.max_new_tokens}")
 
 
+def check_stores_and_defaults(settings: Settings) -> None:
+    """Each model's store has a readable manifest and its task defaults are valid (cheap: for SIGHUP)."""
+    for name, model in settings.models.items():
+        try:
+            architecture = Manifest.load(model.store).architecture
+        except StoreError as exc:
+            raise ConfigError(f"models.{name}.store: {exc}") from None
+        check_defaults(name, model, architecture)
+
+
 def check_model(name: str, model: ModelSettings) -> str:
     """Store readable, defaults valid, the budget at or above the store's minimum; the plan it gets."""
     try:

@@ -28,12 +28,12 @@ from hermesd.daemon.config import ConfigError, Settings, load_settings
 from hermesd.daemon.curve import reload_clients
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
-from hermesd.daemon.identity import partial_uid_namespace
 from hermesd.daemon.hosting import ModelHost, open_model
+from hermesd.daemon.identity import partial_uid_namespace
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
-from hermesd.daemon.preflight import check_tcp
+from hermesd.daemon.preflight import check_stores_and_defaults, check_tcp
 from hermesd.daemon.sockets import WakePair, open_router, receive
 from hermesd.daemon.statedir import AlreadyRunning, make_private, open_state_dir
 from hermesd.daemon.status_report import DaemonView, status_line
@@ -241,6 +241,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_settings(self.config_path)
+            check_stores_and_defaults(new)  # a typo in a default would otherwise fail every job
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notifier.ready(self._status_line())
