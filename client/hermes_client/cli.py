@@ -20,6 +20,8 @@ from typing import Any
 
 from hermes_client.client import Client, default_endpoint, ipc_path
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, TryLater
+from hermes_client.metrics import prometheus_text
+from hermes_client.version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 0, 1, 2, 3, 69, 75
 
@@ -78,6 +80,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermes", description="submit jobs to the hermesd daemon",
                                      parents=[_common_options(defaults=True)])
+    parser.add_argument("--version", action="version", version=f"hermes {__version__}")
     common = _common_options(defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
     job_options = argparse.ArgumentParser(add_help=False)
@@ -107,8 +110,11 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("inputs", nargs="+")
     classify.set_defaults(handler=_cmd_job, task="classify")
 
-    for name, handler, help_text in (("status", _cmd_status, "daemon state, queue, memory, temperature"),
-                                     ("models", _cmd_models, "configured models and their plans"),
+    status = commands.add_parser("status", parents=[common], help="daemon state, queue, memory, temperature")
+    status.add_argument("--prometheus", action="store_true",
+                        help="print Prometheus text format (for node_exporter's textfile collector)")
+    status.set_defaults(handler=_cmd_status)
+    for name, handler, help_text in (("models", _cmd_models, "configured models and their plans"),
                                      ("ping", _cmd_ping, "check that the daemon answers")):
         commands.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
     job = commands.add_parser("job", parents=[common], help="a job's state and result, by id")
@@ -178,6 +184,9 @@ def _human(task: str, result: dict[str, Any]) -> str:
 
 def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     status = client.status()
+    if args.prometheus:
+        sys.stdout.write(prometheus_text(status))
+        return EXIT_OK
     if args.json:
         print(json.dumps(status))
         return EXIT_OK

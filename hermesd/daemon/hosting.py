@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ class ModelHost:
 
     def describe(self) -> dict[str, Any]:
         """The model as the protocol's ``models`` reply shows it."""
-        plan = self.engine.plan
+        plan, manifest = self.engine.plan, self.engine.manifest
         return {"name": self.name, "store": str(self.settings.store),
                 "architecture": self.engine.manifest.architecture, "dtype": self.engine.manifest.dtype,
                 "stages": len(self.engine.manifest.stages), "memory_budget": self.settings.memory_budget,
@@ -36,10 +37,20 @@ class ModelHost:
                                 f"ring {plan.pool_bytes / 2**20:.0f} MiB ({self.plan_source})",
                 "resident_now": self.engine.resident_now,
                 "max_prompt_tokens": self.settings.max_prompt_tokens,
-                "max_new_tokens": self.settings.max_new_tokens, "defaults": self.settings.defaults}
+                "max_new_tokens": self.settings.max_new_tokens, "defaults": self.settings.defaults,
+                "weight_bytes": manifest.weight_bytes(), "store_modified": _modified(self.settings.store),
+                "quantization": sorted({fmt for stage in manifest.stages for fmt in stage.quant_formats})}
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _modified(store: Any) -> float:
+    """When the store's manifest was last written (unix time; 0 if it cannot be read)."""
+    try:
+        return os.stat(os.path.join(store, "manifest.json")).st_mtime
+    except OSError:
+        return 0.0
 
 
 def workload_of(settings: ModelSettings) -> Workload:

@@ -24,6 +24,7 @@ from hermes_client.protocol import ErrorCode, JobState, Reply
 
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
+from hermesd.daemon.counters import JobCounters
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
 from hermesd.daemon.hosting import ModelHost, open_model
@@ -67,6 +68,7 @@ class Daemon:
         self.hosts: dict[str, ModelHost] = {}
         self.queue = JobQueue(settings.queue_size)
         self.running: dict[str, QueuedJob] = {}  # job id -> the job the executor holds
+        self.counters = JobCounters()  # jobs ended since start, for status (Prometheus)
         self.watchdogs = Watchdogs(settings)
         self.wakeup = WakePair()
         self.executor = Executor(self.queue, self.hosts, self.wakeup.wake, settings.progress_interval_s,
@@ -318,6 +320,7 @@ class Daemon:
         """Journal a job's end, then send its one final reply."""
         self.journal.finish(job.id, state, result, error)
         record = self.journal.get(job.id)
+        self.counters.record(record)
         delivered = self.send(job.reply_to, final_message(record))
         took = (record.finished or 0) - (record.started or record.submitted)
         detail = f"{error[0]}: {error[1]}" if error else f"{took:.2f} s"
@@ -350,7 +353,8 @@ class Daemon:
                           queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
                           executor_healthy=self.executor.is_alive(),
                           since_progress_s=time.monotonic() - self.executor.last_progress,
-                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
+                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts),
+                          counters=self.counters.snapshot())
 
     def _status_line(self) -> str:
         return status_line(self.view()) if self.journal is not None else self.state.value
