@@ -25,7 +25,7 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def daemon(smollm2, minilm, tmp_path_factory):
     root = tmp_path_factory.mktemp("gateway-daemon")
-    write_config(root, {"smollm2": {"store": smollm2[1], "memory_budget": "800MiB", "max_new_tokens": 64},
+    write_config(root, {"smollm2": {"store": smollm2[1], "max_new_tokens": 64},  # auto budget: resident here
                         "minilm": {"store": minilm[1], "prefetch": 2}}, queue_size=1)
     running = start_daemon(root)
     yield running
@@ -49,7 +49,7 @@ def _hermes(daemon, *args):
 def test_ollama_package_lists_generates_chats_and_embeds(daemon, gateway):
     client = ollama.Client(host=gateway.url)
     assert {m.model for m in client.list().models} == {"smollm2:latest", "minilm:latest"}
-    options = {"num_predict": 16}
+    options = {"num_predict": 12}
     answer = client.generate(model="smollm2", prompt=QUESTION, options=options)
     assert "Paris" in answer.response and answer.done and answer.eval_count > 0
     streamed = list(client.generate(model="smollm2:latest", prompt=QUESTION, options=options, stream=True))
@@ -70,9 +70,9 @@ def test_openai_package_chats_and_embeds(daemon, gateway):
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused-on-loopback", max_retries=0)
     assert {m.id for m in client.models.list()} == {"smollm2", "minilm"}
     messages = [{"role": "user", "content": QUESTION}]
-    completion = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16)
+    completion = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12)
     assert "Paris" in completion.choices[0].message.content and completion.usage.completion_tokens > 0
-    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, stream=True))
+    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, stream=True))
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -145,13 +145,17 @@ def test_errors_map_to_http_statuses_with_each_apis_body(daemon, gateway):
 def test_busy_daemon_is_503_with_retry_after_and_a_missing_daemon_too(daemon, gateway, tmp_path):
     client = daemon.client()
     running = client.submit("generate", "smollm2", "Tell me a long story about a dragon.", {"max_new_tokens": 64})
-    queued = client.submit("generate", "smollm2", "And another one.", {"max_new_tokens": 64})
+    jobs = [running]
     try:
+        wait_for_state(client, running.id, "running")  # the queue (size 1) is empty again
+        jobs.append(client.submit("generate", "smollm2", "And another one.", {"max_new_tokens": 64}))
         busy = httpx.post(f"{gateway.url}/api/generate", json={"model": "smollm2", "prompt": "hi"}, timeout=60)
         assert busy.status_code == 503 and busy.headers["Retry-After"] == "5" and busy.json()["code"] == "busy"
     finally:
-        queued.cancel()
-        running.cancel()
+        for job in reversed(jobs):
+            job.cancel()
+        for job in jobs:
+            wait_for_state(client, job.id, "cancelled")
     orphan = start_gateway(tmp_path, f"ipc://{tmp_path}/no-daemon.sock")
     try:
         down = httpx.post(f"{orphan.url}/v1/chat/completions", json={"model": "smollm2", "messages": []}, timeout=30)
@@ -164,6 +168,7 @@ def test_busy_daemon_is_503_with_retry_after_and_a_missing_daemon_too(daemon, ga
 
 def test_a_client_that_disconnects_cancels_its_job(daemon, gateway):
     client = daemon.client()
+    assert client.status()["current_job"] is None and client.status()["queued"] == 0
     host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"model": "smollm2", "prompt": "Tell me a long story about a dragon.",
                        "options": {"num_predict": 64}}).encode()
