@@ -227,3 +227,11 @@ def test_bearer_token_and_exposure_rules(daemon, tmp_path):
     allowed = subprocess.run(check, capture_output=True, text=True, timeout=60,
                              env={**env, "HERMESD_GATEWAY_ALLOW_UNAUTHENTICATED_REMOTE": "true"})
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_hermes_generate_reads_the_prompt_from_stdin(daemon):
+    done = subprocess.run([sys.executable, "-m", "hermes_client.cli", "--endpoint", daemon.endpoint, "--json",
+                           "generate", "--model", "smollm2", "--max-new-tokens", "12", "-"], input=QUESTION,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": CHILD_PATH})
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in json.loads(done.stdout)["result"]["text"]

@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="a task parameter (JSON value), repeatable")
 
     generate = commands.add_parser("generate", parents=[common, job_options], help="generate text")
-    generate.add_argument("prompt", nargs="+")
+    generate.add_argument("prompt", nargs="+", help="the prompt, or - to read it from standard input")
     generate.add_argument("--max-new-tokens", type=int)
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--seed", type=int)
@@ -146,6 +146,8 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 def _inputs(args: argparse.Namespace) -> Any:
     if args.task == "generate":
+        if args.prompt == ["-"]:  # `hermes generate -`: the prompt is standard input (a file, a pipe)
+            return sys.stdin.read()
         return " ".join(args.prompt)
     return list(args.texts if args.task == "embed" else args.inputs)
 
