@@ -60,6 +60,9 @@ def test_ollama_package_lists_generates_chats_and_embeds(daemon, gateway):
                              stream=True))
     assert "Paris" in "".join(part.message.content for part in parts) and parts[-1].done
 
+    with pytest.raises(ollama.ResponseError, match="longer than"):  # fails after the stream began: in the stream
+        list(client.generate(model="smollm2", prompt="word " * 2000, stream=True))
+
     texts = ["A man is eating food.", "The stock market fell today."]
     expected = json.loads(_hermes(daemon, "--json", "embed", "--model", "minilm", "--normalize", *texts))
     vectors = client.embed(model="minilm", input=texts).embeddings
