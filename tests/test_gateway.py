@@ -26,7 +26,7 @@ QUESTION = "What is the capital of France?"
 def daemon(smollm2, minilm, tmp_path_factory):
     root = tmp_path_factory.mktemp("gateway-daemon")
     write_config(root, {"smollm2": {"store": smollm2[1], "max_new_tokens": 64},  # auto budget: resident here
-                        "minilm": {"store": minilm[1], "prefetch": 2}}, queue_size=1)
+                        "minilm": {"store": minilm[1], "prefetch": 2, "keep_alive": "2s"}}, queue_size=1)
     running = start_daemon(root)
     yield running
     assert running.stop() == 0
@@ -238,3 +238,23 @@ def test_hermes_generate_reads_the_prompt_from_stdin(daemon):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": CHILD_PATH})
     assert done.returncode == 0, done.stderr
     assert "Paris" in json.loads(done.stdout)["result"]["text"]
+
+
+def test_an_idle_model_is_released_and_reopens_identically(daemon, gateway):
+    client = daemon.client()
+    first = client.embed("minilm", ["kept alive for two seconds"])["embeddings"]
+    loaded_rss = client.status()["memory"]["rss_bytes"]
+    deadline = time.monotonic() + 30
+    while next(m for m in client.models() if m["name"] == "minilm")["loaded"]:
+        assert time.monotonic() < deadline, "minilm was never released"
+        time.sleep(0.2)
+    released_rss = client.status()["memory"]["rss_bytes"]
+    print(f"RSS with minilm loaded {loaded_rss / 2**20:.1f} MiB, released {released_rss / 2**20:.1f} MiB")
+    assert released_rss < loaded_rss - (4 << 20)
+    assert [m["name"] for m in httpx.get(f"{gateway.url}/api/ps", timeout=30).json()["models"]] == ["smollm2:latest"]
+    assert client.embed("minilm", ["kept alive for two seconds"])["embeddings"] == first  # reopened, same answer
+
+    assert "smollm2: released" in _hermes(daemon, "unload", "smollm2")  # keep_alive -1: only on request
+    assert "smollm2" not in _hermes(daemon, "ps")
+    answer = ollama.Client(host=gateway.url).generate(model="smollm2", prompt=QUESTION, options={"num_predict": 12})
+    assert "Paris" in answer.response and "smollm2:" in _hermes(daemon, "ps")

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler, help_text in (("models", _cmd_models, "configured models and their plans"),
                                      ("ping", _cmd_ping, "check that the daemon answers")):
         commands.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
+    commands.add_parser("ps", parents=[common], help="loaded models and the memory their plans hold").set_defaults(
+        handler=_cmd_ps)
+    unload = commands.add_parser("unload", parents=[common], help="release a model's memory (reloads on next use)")
+    unload.add_argument("model")
+    unload.set_defaults(handler=_cmd_unload)
     job = commands.add_parser("job", parents=[common], help="a job's state and result, by id")
     job.add_argument("job_id")
     job.set_defaults(handler=_cmd_show_job)
@@ -209,6 +214,34 @@ def _cmd_models(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     for model in models:
         print(f"{model['name']}: {model['architecture']} {model['plan_summary']}")
+    return EXIT_OK
+
+
+def _cmd_ps(client: Client, args: argparse.Namespace) -> int:
+    loaded = [m for m in client.models() if m.get("loaded", True)]
+    if args.json:
+        print(json.dumps(loaded))
+        return EXIT_OK
+    for model in loaded:
+        plan = model.get("plan") or {}
+        held = (plan.get("resident_bytes", 0) + plan.get("pool_bytes", 0)) / 2**20
+        keep = model.get("keep_alive_s", -1)
+        until = "forever" if keep < 0 else f"{max(0.0, keep - model.get('idle_s', 0)):.0f} s more idle"
+        print(f"{model['name']}: {held:.0f} MiB held (resident stages + ring), idle {model.get('idle_s', 0):.0f} s, "
+              f"kept {until}")
+    return EXIT_OK
+
+
+def _cmd_unload(client: Client, args: argparse.Namespace) -> int:
+    """Ask for the release, then wait (within --timeout) until the daemon reports it done."""
+    was_loaded = client.unload(args.model)
+    deadline = time.monotonic() + args.timeout
+    while was_loaded and time.monotonic() < deadline:
+        if not next(m for m in client.models() if m["name"] == args.model).get("loaded", False):
+            break
+        time.sleep(0.1)
+    print(json.dumps({"model": args.model, "released": was_loaded}) if args.json
+          else f"{args.model}: {'released' if was_loaded else 'was not loaded'}")
     return EXIT_OK
 
 

@@ -330,7 +330,7 @@ class Daemon:
     def on_tick(self) -> None:
         if self.state == State.DRAINING:
             self._drain_step()
-        self.watchdogs.apply(self.executor.gate, sum(host.engine.shed_bytes for host in list(self.hosts.values())))
+        self.watchdogs.apply(self.executor.gate, sum(host.shed_bytes for host in list(self.hosts.values())))
         if self.notifier.watchdog_due() and self._executor_healthy():
             self.notifier.watchdog()
         self.notifier.status(self._status_line())

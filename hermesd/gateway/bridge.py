@@ -57,6 +57,13 @@ class DaemonBridge:
                 return client.request(op)
         return await self.run(call)
 
+    async def unload(self, model: str) -> bool:
+        """Ask the daemon to release a model's memory; True if it was loaded."""
+        def call() -> bool:
+            with self.client() as client:
+                return client.unload(model)
+        return await self.run(call)
+
     async def models(self) -> list[dict[str, Any]]:
         """The daemon's models, cached for ``models_cache_s`` (clients list them before every call)."""
         now = time.monotonic()

@@ -3,7 +3,8 @@
 Models are listed as ``NAME:latest`` (Ollama's tag); ``NAME`` and ``NAME:latest`` both name a model.
 Responses stream as NDJSON unless the request says ``"stream": false``. Durations are nanoseconds:
 ``total_duration`` is the job's time from submit to result, ``eval_duration`` its run time.
-``keep_alive`` is accepted and not honoured: the daemon keeps every configured model loaded.
+A request's ``keep_alive`` is not honoured (each model's keep_alive is in the daemon's config), except
+Ollama's unload request: an empty prompt with ``keep_alive: 0``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     model = await _generating_model(request, body)
     prompt = body.get("prompt")
     translate.require(isinstance(prompt, str), "field 'prompt' must be a string")
-    if prompt == "":  # Ollama loads the model and answers empty: hermesd's models are always loaded
+    if prompt == "":  # Ollama's load request, or with keep_alive 0 its unload request (`ollama stop`)
+        if body.get("keep_alive") in (0, "0", "0s"):
+            await bridge_of(request).unload(model)
+            return web.json_response(_done(model, {"response": "", "done_reason": "unload"}, {}, 0.0))
         return web.json_response(_done(model, {"response": "", "done_reason": "load"}, {}, 0.0))
     translate.require(not body.get("images"), "images are not supported by hermesd's models", "unsupported")
     params = translate.ollama_params(body)
@@ -145,13 +149,17 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    """Loaded models: all of them (the daemon opens every configured model at start), with the memory
-    their plan holds between jobs (resident stages and the ring)."""
+    """Loaded models, with the memory their plan holds between jobs (resident stages and the ring) and
+    when their keep_alive releases them."""
     loaded = []
-    for model in await bridge_of(request).models():
-        plan = model.get("plan", {})
+    for model in (await bridge_of(request).request("models"))["models"]:
+        if not model.get("loaded", True):
+            continue
+        plan = model.get("plan") or {}
         held = plan.get("resident_bytes", 0) + plan.get("pool_bytes", 0)
-        loaded.append({**_listed(model), "expires_at": FOREVER, "size": held, "size_vram": 0,
+        keep = model.get("keep_alive_s", -1)
+        expires = FOREVER if keep < 0 else iso(time.time() + max(0.0, keep - model.get("idle_s", 0.0)))
+        loaded.append({**_listed(model), "expires_at": expires, "size": held, "size_vram": 0,
                        "context_length": model.get("max_prompt_tokens")})
     return web.json_response({"models": loaded})
 
