@@ -68,8 +68,9 @@ class RequestHandlers:
         host = self.daemon.hosts.get(name)
         if host is None:
             raise Refused(ErrorCode.UNKNOWN_MODEL, f"no model {name[:64]!r} in this daemon's config")
+        loaded = host.engine is not None  # before the executor may act on the release
         self.daemon.executor.between_jobs(host.release)
-        return {"type": Reply.MODELS.value, "models": [host.describe()], "unloading": host.engine is not None}
+        return {"type": Reply.MODELS.value, "models": [host.describe()], "unloading": loaded}
 
     def handle_job(self, message: dict[str, Any], envelope: list[bytes]) -> dict[str, Any]:
         return {"type": Reply.JOB.value, "job": self._record(message).public()}
