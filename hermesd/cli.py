@@ -15,6 +15,7 @@ from typing import Any
 from hermes_client.protocol import TASK_NAMES
 
 from hermesd.errors import HermesError
+from hermesd.gateway.command import add_gateway
 from hermesd.units import format_size
 from hermesd.version import __version__
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
     parser.add_argument("--version", action="version", version=f"hermesd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_keys):
+    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_keys, add_gateway):
         add(commands)
     commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
                                       "hermesd bench --help)")

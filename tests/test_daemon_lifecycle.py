@@ -285,9 +285,12 @@ def test_the_client_installs_and_runs_without_torch(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     str(checkout / "client")], check=True, timeout=600)
-    probe = "import sys, hermes_client; print('torch' in sys.modules)"
+    probe = ("import sys, importlib.metadata as m, hermes_client; "
+             "print('torch' in sys.modules, m.version('hermesd-client') == hermes_client.__version__)")
     imported = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True)
-    assert imported.stdout.strip() == "False"
+    assert imported.stdout.strip() == "False True"  # distribution hermesd-client, one version source
+    version = subprocess.run([str(venv / "bin" / "hermes"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == "hermes 0.1.0"
     has_torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
     assert has_torch.returncode != 0
     ping = subprocess.run([str(venv / "bin" / "hermes"), "--endpoint", "ipc:///nonexistent/x", "--timeout", "0.2",

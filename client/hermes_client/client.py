@@ -173,6 +173,10 @@ class Client:
         """The configured models with their plans and task defaults."""
         return self.request(Op.MODELS)["models"]
 
+    def unload(self, model: str) -> bool:
+        """Ask the daemon to release a model's memory between jobs; True if it was loaded."""
+        return bool(self.request(Op.UNLOAD, model=model)["unloading"])
+
     def job(self, job_id: str) -> dict[str, Any]:
         """A job's record: state, and its result or error once it has ended."""
         return self.request(Op.JOB, job_id=job_id)["job"]

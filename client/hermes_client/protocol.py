@@ -7,7 +7,7 @@ msgpack map in one frame (after an empty delimiter frame, as REQ sockets send it
     op   the request verb (requests) -- or --  type: the reply kind (replies)
     rid  a request id chosen by the client, echoed in every reply to that request
 
-Requests (``op``): submit, job, cancel, status, models, ping. Replies (``type``): accepted, progress,
+Requests (``op``): submit, job, cancel, status, models, ping, unload. Replies (``type``): accepted, progress,
 result, error, cancelled, job, status, models, pong. Every accepted job ends with exactly one final
 reply: result, error or cancelled. docs/PROTOCOL.md describes each field.
 """
@@ -34,6 +34,7 @@ class Op(str, enum.Enum):
     STATUS = "status"
     MODELS = "models"
     PING = "ping"
+    UNLOAD = "unload"
 
 
 class Reply(str, enum.Enum):

@@ -49,6 +49,20 @@ class ModelSettings(_Strict):
     max_prompt_tokens: int = Field(default=512, ge=1, le=1 << 20)
     max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    keep_alive: float | str = -1  # how long an idle model stays loaded: seconds or "30s"/"5m"/"2h"; 0; -1 forever
+    load: Literal["start", "first_use"] = "start"
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: float | str) -> float | str:
+        parse_duration(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """Seconds an idle model stays loaded; None: forever (keep_alive -1, the default)."""
+        seconds = parse_duration(self.keep_alive)
+        return None if seconds < 0 else seconds
 
     @field_validator("memory_budget")
     @classmethod
@@ -70,6 +84,20 @@ class ModelSettings(_Strict):
         """The budget in bytes when it is a size; None for "auto" or no budget (planned at load)."""
         explicit = self.memory_budget is not None and self.memory_budget != "auto"
         return parse_size(self.memory_budget) if explicit else None
+
+
+def parse_duration(value: float | str) -> float:
+    """Seconds from a number or "NUMBER[s|m|h]" (Ollama's keep_alive style); a negative value means forever."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is seconds or a string such as \"5m\"")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        return float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"duration {value!r}: use seconds, or a number with s, m or h (\"5m\"); -1 = forever") from None
 
 
 class Settings(BaseSettings):

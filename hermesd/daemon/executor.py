@@ -98,6 +98,7 @@ class Executor(threading.Thread):
         while not self._stopping.is_set():
             self._run_control()
             self._adjust_residency()
+            self._release_idle()
             self.last_progress = time.monotonic()
             job = self.jobs.get(IDLE_WAIT_S)
             if job is None:
@@ -118,9 +119,21 @@ class Executor(threading.Thread):
             except Exception:  # a failed reload must not kill the executor
                 log.exception("reconfiguring between jobs failed")
 
+    def _release_idle(self) -> None:
+        """Close the engines of models idle past their keep_alive (between jobs, on this thread)."""
+        now = time.monotonic()
+        for host in list(self.hosts.values()):
+            if host.idle_expired(now):
+                try:
+                    host.release()
+                except Exception:  # keep serving; the next job reopens it
+                    log.exception("model %s: releasing it failed", host.name)
+
     def _adjust_residency(self) -> None:
         """Shed or restore the models' resident sets as the gate says (on this thread, between stages)."""
         for host in list(self.hosts.values()):
+            if host.engine is None:  # not loaded: nothing resident
+                continue
             try:
                 if self.gate.shed_resident:
                     self.evicted += host.engine.shed_resident()
@@ -154,14 +167,16 @@ class Executor(threading.Thread):
             if self._before_job is not None:
                 self._before_job(job)
             params = dict(record.params)
+            engine = host.ensure_open()  # loads a model configured with load = "first_use" or released idle
             progress = _Progress(self, job, host)
-            host.engine.set_checkpoint(progress.stage)
+            engine.set_checkpoint(progress.stage)
             try:
-                result = run_task(host.engine, record.task, record.inputs, params, on_token=progress.token,
+                result = run_task(engine, record.task, record.inputs, params, on_token=progress.token,
                                   check=progress.step, images=self.images)
             finally:
-                host.engine.set_checkpoint(None)
-            stats = host.engine.stats.to_dict()
+                engine.set_checkpoint(None)
+                host.last_used = time.monotonic()
+            stats = engine.stats.to_dict()
             stats.update(paused_s=round(self.paused_s, 3), stages_run=progress.stages,
                          prefetch_paused_stages=progress.prefetch_paused_stages, stages_evicted=self.evicted)
             return Event(EventKind.FINISHED, job, JobState.DONE, result={**result, "stats": stats})

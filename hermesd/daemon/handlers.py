@@ -64,6 +64,18 @@ class RequestHandlers:
     def handle_models(self, message: dict[str, Any], envelope: list[bytes], owner: str) -> dict[str, Any]:
         return {"type": Reply.MODELS.value, "models": [host.describe() for host in list(self.daemon.hosts.values())]}
 
+    def handle_unload(self, message: dict[str, Any], envelope: list[bytes], owner: str) -> dict[str, Any]:
+        """Release a model's engine before the executor's next job; the next job of it loads it again."""
+        name = message.get("model")
+        if not isinstance(name, str):
+            raise Refused(ErrorCode.BAD_REQUEST, "field 'model' must be a string")
+        host = self.daemon.hosts.get(name)
+        if host is None:
+            raise Refused(ErrorCode.UNKNOWN_MODEL, f"no model {name[:64]!r} in this daemon's config")
+        loaded = host.engine is not None  # before the executor may act on the release
+        self.daemon.executor.between_jobs(host.release)
+        return {"type": Reply.MODELS.value, "models": [host.describe()], "unloading": loaded}
+
     def handle_job(self, message: dict[str, Any], envelope: list[bytes], owner: str) -> dict[str, Any]:
         return {"type": Reply.JOB.value, "job": self._record(message, owner).public()}
 
@@ -120,8 +132,9 @@ class RequestHandlers:
         """The sizes of a configured model: from its open engine, else (reload under way) its store."""
         settings = self.daemon.settings.models[name]
         host = self.daemon.hosts.get(name)
-        if host is not None and host.settings == settings:
-            return ModelShape.of(host.engine.manifest)
+        engine = host.engine if host is not None and host.settings == settings else None
+        if engine is not None:
+            return ModelShape.of(engine.manifest)
         try:
             return ModelShape.of(Manifest.load(settings.store))
         except StoreError as exc:

@@ -25,6 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
+from hermesd.daemon.counters import JobCounters
 from hermesd.daemon.curve import reload_clients
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
@@ -71,6 +72,7 @@ class Daemon:
         self.hosts: dict[str, ModelHost] = {}
         self.queue = JobQueue(settings.queue_size)
         self.running: dict[str, QueuedJob] = {}  # job id -> the job the executor holds
+        self.counters = JobCounters()  # jobs ended since start, for status (Prometheus)
         self.watchdogs = Watchdogs(settings)
         self.wakeup = WakePair()
         self.executor = Executor(self.queue, self.hosts, self.wakeup.wake, settings.progress_interval_s,
@@ -332,6 +334,7 @@ class Daemon:
         """Journal a job's end, then send its one final reply."""
         self.journal.finish(job.id, state, result, error)
         record = self.journal.get(job.id)
+        self.counters.record(record)
         delivered = self.send(job.reply_to, final_message(record))
         took = (record.finished or 0) - (record.started or record.submitted)
         detail = f"{error[0]}: {error[1]}" if error else f"{took:.2f} s"
@@ -341,7 +344,7 @@ class Daemon:
     def on_tick(self) -> None:
         if self.state == State.DRAINING:
             self._drain_step()
-        self.watchdogs.apply(self.executor.gate, sum(host.engine.shed_bytes for host in list(self.hosts.values())))
+        self.watchdogs.apply(self.executor.gate, sum(host.shed_bytes for host in list(self.hosts.values())))
         if self.notifier.watchdog_due() and self._executor_healthy():
             self.notifier.watchdog()
         self.notifier.status(self._status_line())
@@ -365,7 +368,8 @@ class Daemon:
                           queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
                           executor_healthy=self._executor_healthy(),
                           since_progress_s=time.monotonic() - self.executor.last_progress,
-                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
+                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts),
+                          counters=self.counters.snapshot())
 
     def _status_line(self) -> str:
         return status_line(self.view()) if self.journal is not None else self.state.value

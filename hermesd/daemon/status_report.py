@@ -27,6 +27,7 @@ class DaemonView:
     since_progress_s: float
     watchdogs: dict[str, Any] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    counters: dict[str, Any] = field(default_factory=dict)
 
 
 def status_reply(view: DaemonView, owner: str) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def status_reply(view: DaemonView, owner: str) -> dict[str, Any]:
             "jobs": view.journal_counts, "models": view.models,
             "memory": {"rss_bytes": memory.rss_bytes(), "peak_rss_bytes": memory.peak_rss_bytes()},
             "executor": {"healthy": view.executor_healthy, "since_progress_s": round(view.since_progress_s, 3)},
-            "watchdogs": view.watchdogs}
+            "watchdogs": view.watchdogs, "counters": view.counters}
 
 
 def status_line(view: DaemonView) -> str:
