@@ -15,6 +15,7 @@ from typing import Any
 from hermes_client.protocol import TASK_NAMES
 
 from hermesd.errors import HermesError
+from hermesd.gateway.command import add_gateway
 from hermesd.units import format_size
 from hermesd.version import __version__
 
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
     parser.add_argument("--version", action="version", version=f"hermesd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve):
+    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_keys, add_gateway):
         add(commands)
     commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
                                       "hermesd bench --help)")
@@ -144,6 +145,17 @@ def _add_serve(commands) -> None:
                                                    "/etc/hermesd/hermesd.toml)")
     serve.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_keys(commands) -> None:
+    keys = commands.add_parser("keys", help="make the CURVE key pair of the daemon's tcp_endpoint (or, with "
+                                            "--client, a client's key pair)")
+    keys.add_argument("--config", type=Path, help="TOML config whose curve_keys_dir receives the server keys")
+    keys.add_argument("--client", metavar="NAME", help="make NAME.key (public: copy it into the daemon's "
+                                                      "curve_clients_dir) and NAME.key_secret instead")
+    keys.add_argument("--dir", type=Path, help="write here instead (default: curve_keys_dir; with --client: .)")
+    keys.add_argument("--force", action="store_true", help="replace an existing key pair")
+    keys.set_defaults(handler=_cmd_keys)
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -314,13 +326,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.check:
         return serve(args.config)
+    from hermesd.daemon.preflight import check_settings
+
     try:
         settings = load_settings(args.config)
+        models = check_settings(settings)  # stores, defaults, budgets, keys: what serve would refuse
     except ConfigError as exc:
         print(f"hermesd: configuration error: {exc}", file=sys.stderr)
         return EX_CONFIG
     print(f"config ok: {len(settings.models)} model(s) ({', '.join(settings.models)}), "
           f"endpoint {settings.resolved_endpoint()}, state {settings.resolved_state_dir()}")
+    for line in models:
+        print(f"  {line}")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from hermesd.daemon.config import load_settings
+    from hermesd.daemon.curve import SERVER_NAME, make_keys
+
+    if args.client:
+        name, directory = args.client, args.dir or Path.cwd()
+    else:
+        name, directory = SERVER_NAME, args.dir or load_settings(args.config).resolved_curve_keys_dir()
+    public, secret = make_keys(directory, name, force=args.force)
+    key = next(line.split('"')[1] for line in public.read_text().splitlines() if "public-key" in line)
+    print(f"{name} public key {key}\n  public: {public}\n  secret: {secret} (keep private)")
     return 0
 
 

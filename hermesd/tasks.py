@@ -7,17 +7,23 @@ the daemon's protocol.
 
 from __future__ import annotations
 
-import io
-import os
-import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
+from hermes_client.protocol import (
+    MAX_FORWARD_VALUES,
+    MAX_NEW_TOKENS,
+    TASK_NAMES,
+    is_int,
+    is_number,
+)
+from transformers import StoppingCriteriaList
 
+from hermesd.decoding import StepControl
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
+from hermesd.images import ImagePolicy, open_images
 
 
 @dataclass(frozen=True)
@@ -53,19 +59,24 @@ def _require(condition: bool, message: str) -> None:
 
 
 MAX_INPUTS = 256  # texts or images in one job
-MAX_IMAGE_BYTES = 32 << 20  # one image file; a larger one is refused before it is read
 
 
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
-             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused."""
+             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None,
+             images: ImagePolicy = ImagePolicy()) -> dict[str, Any]:
+    """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused.
+
+    ``check`` is called after tokenizing and after each generated token; it may raise to end the job
+    (the daemon's cancel and deadline), as the engine's stage checkpoints do between stages.
+    ``images``: where image files may come from and how large images may be (classify).
+    """
     params = check_params(task, params or {})
     if task == "generate":
-        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token)
+        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token, check=check)
     if task == "embed":
         return embed(engine, inputs, **params)
     if task == "classify":
-        return classify(engine, inputs, **params)
+        return classify(engine, inputs, **params, images=images)
     return forward(engine, inputs)
 
 
@@ -103,6 +114,11 @@ def check_inputs(task: str, inputs: Any) -> None:
     elif task == "forward" and isinstance(inputs, list) and inputs and all(isinstance(r, list) for r in inputs):
         _require(len(inputs) <= MAX_INPUTS and all(r and all(is_int(t) and t >= 0 for t in r) for r in inputs),
                  "token ids must be non-empty lists of non-negative integers")
+    elif task == "classify" and (isinstance(inputs, bytes) or isinstance(inputs, list) and any(
+            isinstance(item, bytes) for item in inputs)):
+        items = [inputs] if isinstance(inputs, bytes) else inputs
+        _require(0 < len(items) <= MAX_INPUTS and all(isinstance(i, (str, bytes)) and i for i in items),
+                 f"inputs must be 1..{MAX_INPUTS} non-empty strings or images (bytes)")
     else:
         _require(len(_texts(inputs)) <= MAX_INPUTS, f"at most {MAX_INPUTS} inputs per job")
 
@@ -130,22 +146,33 @@ def _texts(inputs: Any) -> list[str]:
 def _check_length(engine: Engine, input_ids: torch.Tensor) -> None:
     """Refuse inputs longer than the engine's plan was made for (its memory budget assumes the length)."""
     limit = engine.max_input_tokens
+    # Text of only spaces (or nothing a word-level tokenizer knows) can make no tokens at all; a model
+    # given zero positions fails deep inside (found by tests/test_daemon_fuzz.py).
+    _require(input_ids.shape[-1] > 0, "the input makes no tokens; send some text")
     _require(limit is None or input_ids.shape[-1] <= limit,
              f"input of {input_ids.shape[-1]} tokens is longer than this model's limit of {limit} tokens")
 
 
-def _can_generate(engine: Engine) -> bool:
-    return engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
+def task_problem(task: str, architecture: str) -> str | None:
+    """Why a model of ``architecture`` cannot run ``task`` (None: it can). The daemon asks at submit."""
+    if task == "generate" and not architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return f"{architecture} is not a causal language model: it cannot generate"
+    if task == "classify" and not architecture.endswith(("ForSequenceClassification", "ForImageClassification")):
+        return f"{architecture} has no classification head"
+    return None
 
 
 # -- generate -----------------------------------------------------------------------------------
 def generate(engine: Engine, prompt: str | list[dict[str, str]], params: GenerateParams = GenerateParams(),
-             on_token: Callable[[int], None] | None = None) -> dict[str, Any]:
+             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Continue ``prompt`` (text, or chat messages) and return the new text."""
-    _require(_can_generate(engine), f"{engine.manifest.architecture} is not a causal language model")
+    problem = task_problem("generate", engine.manifest.architecture)
+    _require(problem is None, problem or "")
     tokenizer = engine.tokenizer
     input_ids = _prompt_ids(tokenizer, prompt, params.chat)
     _check_length(engine, input_ids)
+    if check is not None:
+        check()  # a long prompt takes a while to tokenize: a cancel meanwhile ends the job here
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "attention_mask": torch.ones_like(input_ids)}
     if params.temperature > 0:
         kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
@@ -154,8 +181,8 @@ def generate(engine: Engine, prompt: str | list[dict[str, str]], params: Generat
             torch.manual_seed(params.seed)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if params.stop:
-        kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([StepControl(tokenizer, input_ids.shape[1], params.stop,
+                                                                    check)])
     if on_token is not None:
         kwargs["streamer"] = _TokenCounter(on_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -244,16 +271,20 @@ def _embed_options(normalize: Any, pooling: Any) -> None:
 
 
 # -- classify -------------------------------------------------------------------------------------
-def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[str, Any]:
-    """Labels with softmax scores for each input: texts, or image file paths for image models."""
-    architecture = engine.manifest.architecture
-    _require(architecture.endswith(("ForSequenceClassification", "ForImageClassification")),
-             f"{architecture} has no classification head")
+def classify(engine: Engine, inputs: str | list[str | bytes], top_k: int = 5,
+             images: ImagePolicy = ImagePolicy()) -> dict[str, Any]:
+    """Labels with softmax scores for each input: texts, or for image models images (bytes) or the
+    paths of image files that ``images`` allows."""
+    problem = task_problem("classify", engine.manifest.architecture)
+    _require(problem is None, problem or "")
     _classify_options(top_k)
-    items = _texts(inputs)
     if engine.model.main_input_name == "pixel_values":
-        batch = {"pixel_values": engine.image_processor(images=_open_images(items), return_tensors="pt").pixel_values}
+        items = [inputs] if isinstance(inputs, (str, bytes)) else inputs
+        _require(isinstance(items, list) and items, "inputs must be images (bytes) or image file paths")
+        batch = {"pixel_values": engine.image_processor(images=open_images(items, images),
+                                                        return_tensors="pt").pixel_values}
     else:
+        items = _texts(inputs)
         batch = dict(engine.tokenizer(items, padding=True, truncation=True, return_tensors="pt"))
         _check_length(engine, batch["input_ids"])
     with torch.inference_mode():
@@ -269,51 +300,6 @@ def classify(engine: Engine, inputs: str | list[str], top_k: int = 5) -> dict[st
 
 def _classify_options(top_k: Any) -> None:
     _require(is_int(top_k) and top_k >= 1, "top_k must be a positive integer")
-
-
-def _open_images(paths: list[str]) -> list[Any]:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise TaskError("image classification needs Pillow: pip install pillow") from None
-    images = []
-    for index, path in enumerate(paths):
-        # One message for every failure: which files exist, or what they hold, is not the client's to learn.
-        refused = TaskError(f"image {index}: not allowed or not readable (a regular image file of at most "
-                            f"{MAX_IMAGE_BYTES >> 20} MiB, not a link)")
-        data = _read_regular_file(path)
-        if data is None:
-            raise refused
-        try:
-            images.append(Image.open(io.BytesIO(data)).convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise refused from None
-    return images
-
-
-def _read_regular_file(path: str) -> bytes | None:
-    """The bytes of a regular file of at most MAX_IMAGE_BYTES, or None.
-
-    Opened without following a final symlink and without blocking, then checked to be a regular file:
-    a FIFO would otherwise hold the executor until someone writes to it, and a device never ends.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (OSError, ValueError, TypeError):  # ValueError: a NUL in the path
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_IMAGE_BYTES:
-            return None
-        chunks, size = [], 0
-        while size <= MAX_IMAGE_BYTES and (chunk := os.read(fd, 1 << 20)):  # a file may grow while read
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return b"".join(chunks) if size <= MAX_IMAGE_BYTES else None
 
 
 # -- forward --------------------------------------------------------------------------------------

@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import NotifySocket, start_daemon, wait_for_state, write_config
+from daemon_support import (
+    CHILD_PATH,
+    NotifySocket,
+    start_daemon,
+    wait_for_state,
+    write_config,
+)
 from hermes_client import ServerError
 from hooked_daemon import hang_input
 
@@ -182,12 +188,22 @@ def test_sighup_reloads_config_and_queued_jobs_survive(daemon_stores, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert client.embed("bert", "w6")["dimensions"] == 64  # still serving on the old config
+
+    write_config(tmp_path, _models(daemon_stores, bert={"store": daemon_stores["bert"],
+                                                        "defaults": {"embed": {"normalise": True}}}))
+    daemon.send_signal(signal.SIGHUP)  # a typo in a default is refused too, not applied to every job
+    deadline = time.monotonic() + 10
+    while "models.bert.defaults.embed" not in daemon.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.embed("bert", "w6")["dimensions"] == 64
     assert daemon.stop() == 0
 
 
 def _serve(config, *extra, env=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "hermesd.cli", "serve", "--config", str(config), *extra],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": CHILD_PATH, **(env or {})})
 
 
 def test_bad_config_exits_78_with_a_message_naming_the_field(daemon_stores, tmp_path):
@@ -209,7 +225,38 @@ def test_bad_config_exits_78_with_a_message_naming_the_field(daemon_stores, tmp_
     config = write_config(tmp_path, {"bert": {"store": daemon_stores["bert"]}})
     assert _serve(config, env={"HERMESD_QUEUE_SIZE": "0"}).returncode == 78  # environment overrides count too
     checked = _serve(config, "--check")
-    assert checked.returncode == 0 and "config ok: 1 model(s)" in checked.stdout
+    assert checked.returncode == 0 and "config ok: 1 model(s)" in checked.stdout and "bert: BertModel" in checked.stdout
+
+
+CHECKED = [  # (model settings or top-level settings, what the error must name); serve --check says it first
+    ({"defaults": {"embed": {"normalise": True}}}, "models.bert.defaults.embed: unknown parameter(s) ['normalise']"),
+    ({"defaults": {"embed": {"pooling": "max"}}}, "models.bert.defaults.embed: pooling must be"),
+    ({"defaults": {"generate": {"max_new_tokens": 8}}}, "models.bert.defaults.generate: BertModel is not a causal"),
+    ({"memory_budget": "1MiB"}, "models.bert.memory_budget"),
+    ({"store": "no-such-store"}, "models.bert.store"),
+    ({"tcp_endpoint": "tcp://127.0.0.1:1"}, "hermesd keys"),
+    ({"image_dirs": ["/no/such/dir"]}, "image_dirs: /no/such/dir"),
+]
+
+
+def test_serve_check_refuses_what_serve_would(daemon_stores, tmp_path):
+    from hermesd.daemon.config import ConfigError, load_settings
+    from hermesd.daemon.preflight import check_settings
+
+    for fields, named in CHECKED:  # in-process: the function `serve --check` and `serve` run
+        top = {k: v for k, v in fields.items() if k in ("tcp_endpoint", "image_dirs")}
+        model = {"store": daemon_stores["bert"], **{k: v for k, v in fields.items() if k not in top}}
+        if model["store"] == "no-such-store":
+            model["store"] = tmp_path / "no-such-store"
+        with pytest.raises(ConfigError) as info:
+            check_settings(load_settings(write_config(tmp_path, {"bert": model}, **top)))
+        assert named in str(info.value), (fields, str(info.value))
+    config = write_config(tmp_path, {"bert": {"store": daemon_stores["bert"],
+                                              "defaults": {"embed": {"normalise": True}}}})
+    checked = _serve(config, "--check")
+    assert checked.returncode == 78 and CHECKED[0][1] in checked.stderr and "Traceback" not in checked.stderr
+    served = _serve(config)  # serve itself refuses the typo too, before it takes a job
+    assert served.returncode == 78 and "normalise" in served.stderr
 
 
 def test_a_second_daemon_on_the_same_state_directory_refuses_to_start(daemon_stores, tmp_path):
@@ -238,9 +285,12 @@ def test_the_client_installs_and_runs_without_torch(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                     str(checkout / "client")], check=True, timeout=600)
-    probe = "import sys, hermes_client; print('torch' in sys.modules)"
+    probe = ("import sys, importlib.metadata as m, hermes_client; "
+             "print('torch' in sys.modules, m.version('hermesd-client') == hermes_client.__version__)")
     imported = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True)
-    assert imported.stdout.strip() == "False"
+    assert imported.stdout.strip() == "False True"  # distribution hermesd-client, one version source
+    version = subprocess.run([str(venv / "bin" / "hermes"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == "hermes 0.1.0"
     has_torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
     assert has_torch.returncode != 0
     ping = subprocess.run([str(venv / "bin" / "hermes"), "--endpoint", "ipc:///nonexistent/x", "--timeout", "0.2",

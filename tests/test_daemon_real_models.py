@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from daemon_support import start_daemon, write_config
+from hermes_client import JobCancelled, ServerError
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +42,30 @@ def test_minilm_embeddings_rank_related_sentences_higher(daemon):
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731  (normalized by the model's defaults)
     assert dot(vectors[0], vectors[0]) == pytest.approx(1.0, abs=1e-4)
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]) + 0.2
+    client = daemon.client()
+    before = client.status()["jobs"]
+    with pytest.raises(ServerError) as info:  # an encoder cannot generate: refused at submit, not journaled
+        client.submit("generate", "minilm", "Hello")
+    assert info.value.code == "invalid_params" and "cannot generate" in info.value.message
+    assert client.status()["jobs"] == before
+
+
+def test_a_cancel_stops_a_running_generate_within_a_second(daemon):
+    client = daemon.client()
+    job = client.submit("generate", "smollm2", "Write a long story about a lighthouse keeper.",
+                        {"max_new_tokens": 64, "stop": ["zebra-crossing-never"]}, progress=True)
+    for event in job.progress(timeout=120):
+        if event["tokens"] >= 3:
+            break
+    asked = time.monotonic()
+    assert job.cancel() is True
+    with pytest.raises(JobCancelled):
+        job.result(30)
+    took = time.monotonic() - asked
+    print(f"cancel of a running SmolLM2 generate took {took:.3f} s (cancel sent to cancelled received)")
+    assert took < 3.0  # the goal is 1 s; the bound is generous for a loaded 2-core machine
+    record = client.job(job.id)
+    assert record["state"] == "cancelled" and record["cancel_requested"] is not None
 
 
 def test_hermes_cli_for_scripts(daemon):

@@ -14,7 +14,8 @@ from hermesd.errors import Refused
 
 
 def _record(job_id: str, **fields) -> JobRecord:
-    return JobRecord(id=job_id, model="m", task="embed", inputs=["a", "b"], params={"normalize": True}, **fields)
+    return JobRecord(id=job_id, model="m", task="embed", inputs=["a", "b"], params={"normalize": True},
+                     **({"owner": "uid:1000"} | fields))
 
 
 def test_records_survive_reopening_and_unfinished_jobs_come_back_in_order(tmp_path):
@@ -32,10 +33,12 @@ def test_records_survive_reopening_and_unfinished_jobs_come_back_in_order(tmp_pa
     assert unfinished[0].inputs == ["a", "b"] and unfinished[0].params == {"normalize": True}
     assert journal.get("b").result == {"embeddings": [[0.5]]} and journal.get("b").ended
     assert journal.get("c").public()["error"] == {"code": "invalid_params", "message": "nope"}
-    assert journal.by_client_id("cid-d").id == "d"
+    assert journal.by_client_id("uid:1000", "cid-d").id == "d" and journal.get("d").owner == "uid:1000"
+    assert journal.by_client_id("uid:1001", "cid-d") is None  # client job ids are scoped per owner
     assert journal.counts() == {"running": 1, "done": 1, "failed": 1, "queued": 1}
-    with pytest.raises(sqlite3.IntegrityError):  # one job per idempotency key
+    with pytest.raises(sqlite3.IntegrityError):  # one job per idempotency key and owner
         journal.add(_record("e", client_job_id="cid-a"))
+    journal.add(_record("f", client_job_id="cid-a", owner="key:other"))  # another owner's key space
 
 
 def test_purge_forgets_only_old_ended_jobs(tmp_path):
@@ -79,6 +82,7 @@ def test_a_schema_1_journal_is_migrated_and_cancels_are_journaled(tmp_path):
     journal = Journal(path)
     old = journal.get("old")
     assert old.state == "running" and old.cancel_requested is None and old.inputs == "x"
+    assert old.owner == "legacy"  # from before owners: no client's identity matches it
     journal.request_cancel("old")
     journal.close()
     journal = Journal(path)
@@ -88,7 +92,28 @@ def test_a_schema_1_journal_is_migrated_and_cancels_are_journaled(tmp_path):
     journal.request_cancel("old")  # an ended job is not marked
     journal.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("3",)
+
+
+def test_a_schema_2_journal_gets_owners_and_client_job_ids_scoped_per_owner(tmp_path):
+    import msgpack
+
+    path = tmp_path / "j.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_1.replace("'1'", "'2'").replace("error_message TEXT)",
+                                                                  "error_message TEXT, cancel_requested REAL)"))
+        db.execute("INSERT INTO jobs (id, client_job_id, model, task, request, priority, state, submitted,"
+                   " cancel_requested) VALUES ('q', 'cid', 'm', 'embed', ?, 3, 'queued', 2.0, 5.0)",
+                   (msgpack.packb({"inputs": "x", "params": {}, "progress": True}),))
+    journal = Journal(path)
+    queued = journal.unfinished()[0]
+    assert (queued.id, queued.owner, queued.priority, queued.cancel_requested, queued.progress) == \
+        ("q", "legacy", 3, 5.0, True)
+    journal.add(_record("n", client_job_id="cid"))  # the same key under a real owner is another job
+    assert journal.by_client_id("uid:1000", "cid").id == "n" and journal.by_client_id("legacy", "cid").id == "q"
+    journal.add(_record("later"))
+    assert journal.get("later").seq > queued.seq  # submission order continues after the rebuild
+    journal.close()
 
 
 def test_queue_orders_by_priority_then_submission_and_is_bounded():

@@ -4,12 +4,13 @@ modules and functions small enough to read at once, and the CLI's help without t
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "hermesd"
-SUBPACKAGES = {"store", "plan", "engine", "daemon", "watchdog"}
+SUBPACKAGES = {"store", "plan", "engine", "daemon", "watchdog", "gateway"}
 LOWER = {"store", "plan", "engine", "watchdog"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -117,3 +118,18 @@ def test_help_and_version_do_not_import_torch():
                               timeout=60)
         assert done.stderr.strip().endswith("NO-TORCH"), (flag, done.stderr)
         assert ("usage: hermesd" in done.stdout) if flag == "--help" else done.stdout.startswith("hermesd 0.")
+
+
+def test_the_gateway_is_a_translator_without_torch_or_the_daemon():
+    """hermesd.gateway reaches the daemon only through hermes_client: it imports no other hermesd layer,
+    and serving HTTP loads no torch."""
+    allowed = {"gateway", "hermesd.version"}
+    offenders = [f"{m} -> {t}" for m, ts in _graph().items() if _unit(m) == "gateway"
+                 for t in ts if _unit(t) not in allowed]
+    assert not offenders, offenders
+    probe = ("import sys\nfrom hermesd.gateway.app import create_app\nfrom hermesd.gateway.config import "
+             "GatewaySettings\ncreate_app(GatewaySettings())\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
+    checkout = PACKAGE.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), str(checkout / "client")])}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=env)
+    assert done.stdout.strip() == "False False", done.stderr

@@ -6,9 +6,18 @@
 """
 
 from hermes_client.client import Client, Job, default_endpoint
-from hermes_client.errors import DaemonUnreachable, HermesClientError, JobCancelled, JobFailed, ServerError, TryLater
+from hermes_client.errors import (
+    Conflict,
+    DaemonUnreachable,
+    HermesClientError,
+    JobCancelled,
+    JobFailed,
+    ServerError,
+    TryLater,
+)
 from hermes_client.protocol import PROTOCOL_VERSION, ErrorCode, JobState
+from hermes_client.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["Client", "Job", "default_endpoint", "HermesClientError", "DaemonUnreachable", "ServerError",
-           "TryLater", "JobFailed", "JobCancelled", "ErrorCode", "JobState", "PROTOCOL_VERSION"]
+           "TryLater", "Conflict", "JobFailed", "JobCancelled", "ErrorCode", "JobState", "PROTOCOL_VERSION",
+           "__version__"]

@@ -20,6 +20,8 @@ from typing import Any
 
 from hermes_client.client import Client, default_endpoint, ipc_path
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, TryLater
+from hermes_client.metrics import prometheus_text
+from hermes_client.version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED, EXIT_UNAVAILABLE, EXIT_TEMPFAIL = 0, 1, 2, 3, 69, 75
 
@@ -35,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing listens there: say so now instead of retrying into silence.
         return _fail(args, EXIT_UNAVAILABLE, "unreachable", f"no daemon socket at {path} (is hermesd running?)")
     try:
-        with Client(args.endpoint, timeout=args.timeout, retries=args.retries) as client:
+        client = Client(args.endpoint, timeout=args.timeout, retries=args.retries, server_key=args.server_key,
+                        client_key=args.client_key)
+    except ValueError as exc:  # an unreadable key file, a malformed key
+        print(f"hermes: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with client:
             return args.handler(client, args)
     except DaemonUnreachable as exc:
         return _fail(args, EXIT_UNAVAILABLE, "unreachable", str(exc))
@@ -71,6 +79,11 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=default(10.0),
                         help="seconds to wait for each reply (default 10)")
     common.add_argument("--retries", type=int, default=default(3), help="resends before giving up (default 3)")
+    common.add_argument("--server-key", default=default(None), metavar="KEY|FILE",
+                        help="tcp:// with CURVE: the daemon's public key or server.key file "
+                             "(default: $HERMES_SERVER_KEY)")
+    common.add_argument("--client-key", default=default(None), metavar="FILE",
+                        help="tcp:// with CURVE: this client's NAME.key_secret file (default: $HERMES_CLIENT_KEY)")
     common.add_argument("--json", action="store_true", default=default(False), help="print one JSON document")
     return common
 
@@ -78,6 +91,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermes", description="submit jobs to the hermesd daemon",
                                      parents=[_common_options(defaults=True)])
+    parser.add_argument("--version", action="version", version=f"hermes {__version__}")
     common = _common_options(defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
     job_options = argparse.ArgumentParser(add_help=False)
@@ -90,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                              help="a task parameter (JSON value), repeatable")
 
     generate = commands.add_parser("generate", parents=[common, job_options], help="generate text")
-    generate.add_argument("prompt", nargs="+")
+    generate.add_argument("prompt", nargs="+", help="the prompt, or - to read it from standard input")
     generate.add_argument("--max-new-tokens", type=int)
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--seed", type=int)
@@ -103,14 +117,24 @@ def _parser() -> argparse.ArgumentParser:
     embed.set_defaults(handler=_cmd_job, task="embed")
 
     classify = commands.add_parser("classify", parents=[common, job_options],
-                                   help="classify texts or image paths the daemon can read")
-    classify.add_argument("inputs", nargs="+")
+                                   help="classify texts, or images (--image)")
+    classify.add_argument("inputs", nargs="*", help="texts, or image paths the daemon may read (its image_dirs)")
+    classify.add_argument("--image", action="append", default=[], metavar="FILE",
+                          help="an image file read here and sent as bytes (repeatable)")
     classify.set_defaults(handler=_cmd_job, task="classify")
 
-    for name, handler, help_text in (("status", _cmd_status, "daemon state, queue, memory, temperature"),
-                                     ("models", _cmd_models, "configured models and their plans"),
+    status = commands.add_parser("status", parents=[common], help="daemon state, queue, memory, temperature")
+    status.add_argument("--prometheus", action="store_true",
+                        help="print Prometheus text format (for node_exporter's textfile collector)")
+    status.set_defaults(handler=_cmd_status)
+    for name, handler, help_text in (("models", _cmd_models, "configured models and their plans"),
                                      ("ping", _cmd_ping, "check that the daemon answers")):
         commands.add_parser(name, parents=[common], help=help_text).set_defaults(handler=handler)
+    commands.add_parser("ps", parents=[common], help="loaded models and the memory their plans hold").set_defaults(
+        handler=_cmd_ps)
+    unload = commands.add_parser("unload", parents=[common], help="release a model's memory (reloads on next use)")
+    unload.add_argument("model")
+    unload.set_defaults(handler=_cmd_unload)
     job = commands.add_parser("job", parents=[common], help="a job's state and result, by id")
     job.add_argument("job_id")
     job.set_defaults(handler=_cmd_show_job)
@@ -140,8 +164,21 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 def _inputs(args: argparse.Namespace) -> Any:
     if args.task == "generate":
+        if args.prompt == ["-"]:  # `hermes generate -`: the prompt is standard input (a file, a pipe)
+            return sys.stdin.read()
         return " ".join(args.prompt)
-    return list(args.texts if args.task == "embed" else args.inputs)
+    if args.task == "embed":
+        return list(args.texts)
+    images = []
+    for path in args.image:
+        try:
+            with open(path, "rb") as handle:
+                images.append(handle.read())
+        except OSError as exc:
+            raise SystemExit(f"hermes: --image {path}: {exc.strerror or exc}") from None
+    if not images and not args.inputs:
+        raise SystemExit("hermes: classify wants texts, image paths or --image FILE")
+    return [*args.inputs, *images]
 
 
 def _cmd_job(client: Client, args: argparse.Namespace) -> int:
@@ -178,6 +215,9 @@ def _human(task: str, result: dict[str, Any]) -> str:
 
 def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     status = client.status()
+    if args.prometheus:
+        sys.stdout.write(prometheus_text(status))
+        return EXIT_OK
     if args.json:
         print(json.dumps(status))
         return EXIT_OK
@@ -198,6 +238,34 @@ def _cmd_models(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     for model in models:
         print(f"{model['name']}: {model['architecture']} {model['plan_summary']}")
+    return EXIT_OK
+
+
+def _cmd_ps(client: Client, args: argparse.Namespace) -> int:
+    loaded = [m for m in client.models() if m.get("loaded", True)]
+    if args.json:
+        print(json.dumps(loaded))
+        return EXIT_OK
+    for model in loaded:
+        plan = model.get("plan") or {}
+        held = (plan.get("resident_bytes", 0) + plan.get("pool_bytes", 0)) / 2**20
+        keep = model.get("keep_alive_s", -1)
+        until = "forever" if keep < 0 else f"{max(0.0, keep - model.get('idle_s', 0)):.0f} s more idle"
+        print(f"{model['name']}: {held:.0f} MiB held (resident stages + ring), idle {model.get('idle_s', 0):.0f} s, "
+              f"kept {until}")
+    return EXIT_OK
+
+
+def _cmd_unload(client: Client, args: argparse.Namespace) -> int:
+    """Ask for the release, then wait (within --timeout) until the daemon reports it done."""
+    was_loaded = client.unload(args.model)
+    deadline = time.monotonic() + args.timeout
+    while was_loaded and time.monotonic() < deadline:
+        if not next(m for m in client.models() if m["name"] == args.model).get("loaded", False):
+            break
+        time.sleep(0.1)
+    print(json.dumps({"model": args.model, "released": was_loaded}) if args.json
+          else f"{args.model}: {'released' if was_loaded else 'was not loaded'}")
     return EXIT_OK
 
 

@@ -21,7 +21,13 @@ from typing import Any, Iterator
 import zmq
 
 from hermes_client import protocol
-from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
+from hermes_client.errors import (
+    DaemonUnreachable,
+    JobCancelled,
+    ServerError,
+    server_error,
+)
+from hermes_client.keys import curve_keys
 from hermes_client.protocol import FINAL, Op, Reply
 
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
@@ -59,13 +65,17 @@ class Client:
     """A connection to one hermesd endpoint. Not thread-safe: use one Client per thread.
 
     timeout: seconds to wait for each reply before retrying; retries: resends before giving up
-    with DaemonUnreachable.
+    with DaemonUnreachable. server_key, client_key: CURVE for a ``tcp://`` endpoint (see
+    hermes_client.keys; default ``$HERMES_SERVER_KEY`` and ``$HERMES_CLIENT_KEY``). A daemon that
+    refuses the key never answers: the client gives up with DaemonUnreachable.
     """
 
     def __init__(self, endpoint: str | None = None, timeout: float = 10.0, retries: int = 3,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         ipc_path(self.endpoint)  # a malformed endpoint is a ValueError here, not a ZMQError at connect
+        self._keys = curve_keys(server_key, client_key) if self.endpoint.startswith("tcp://") else None
         self.timeout = timeout
         self.retries = retries
         self._context = context or zmq.Context.instance()
@@ -78,6 +88,8 @@ class Client:
     def _connect(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(socket)
         socket.connect(self.endpoint)
         self._socket = socket
 
@@ -161,6 +173,10 @@ class Client:
         """The configured models with their plans and task defaults."""
         return self.request(Op.MODELS)["models"]
 
+    def unload(self, model: str) -> bool:
+        """Ask the daemon to release a model's memory between jobs; True if it was loaded."""
+        return bool(self.request(Op.UNLOAD, model=model)["unloading"])
+
     def job(self, job_id: str) -> dict[str, Any]:
         """A job's record: state, and its result or error once it has ended."""
         return self.request(Op.JOB, job_id=job_id)["job"]
@@ -183,7 +199,7 @@ class Client:
 
     def generate(self, model: str, prompt: str | list[dict[str, str]], timeout: float | None = None,
                  **params: Any) -> dict[str, Any]:
-        """Generate text and wait for it: {"text", "tokens", "finish_reason", "stats", ...}."""
+        """Generate text and wait for it: {"text", "prompt_tokens", "new_tokens", "finish_reason", "stats"}."""
         return self.submit("generate", model, prompt, params).result(timeout)
 
     def embed(self, model: str, texts: str | list[str], timeout: float | None = None,
@@ -191,9 +207,10 @@ class Client:
         """Embed texts and wait: {"embeddings": [[float]], "stats", ...}."""
         return self.submit("embed", model, texts, params).result(timeout)
 
-    def classify(self, model: str, inputs: str | list[str], timeout: float | None = None,
+    def classify(self, model: str, inputs: str | bytes | list[str | bytes], timeout: float | None = None,
                  **params: Any) -> dict[str, Any]:
-        """Classify texts (or image paths the daemon can read) and wait: {"labels": [[{label, score}]]}."""
+        """Classify texts, or images (their bytes, or paths under the daemon's image_dirs), and wait:
+        {"labels": [[{label, score}]]}."""
         return self.submit("classify", model, inputs, params).result(timeout)
 
     # -- job events -----------------------------------------------------------------------------

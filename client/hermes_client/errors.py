@@ -23,6 +23,11 @@ class ServerError(HermesClientError):
         self.job_id = job_id
 
 
+class Conflict(ServerError):
+    """A submit reused a ``client_job_id`` of this identity for a different job (task, model, inputs,
+    parameters or priority differ); the earlier job is untouched."""
+
+
 class TryLater(ServerError):
     """The daemon is busy, too hot, short of memory or shutting down: the same request may work later."""
 
@@ -46,5 +51,7 @@ TEMPORARY = frozenset({ErrorCode.BUSY.value, ErrorCode.OVERHEATED.value, ErrorCo
 def server_error(reply: dict, final: bool = False) -> ServerError:
     """The exception for an error reply: TryLater for temporary codes, JobFailed for a job's final error."""
     code, message = str(reply.get("code", ErrorCode.INTERNAL.value)), str(reply.get("message", ""))
+    if code == ErrorCode.CONFLICT.value and not final:
+        return Conflict(code, message, reply.get("job_id"))
     cls = TryLater if code in TEMPORARY else JobFailed if final else ServerError
     return cls(code, message, reply.get("job_id"))

@@ -7,7 +7,7 @@ msgpack map in one frame (after an empty delimiter frame, as REQ sockets send it
     op   the request verb (requests) -- or --  type: the reply kind (replies)
     rid  a request id chosen by the client, echoed in every reply to that request
 
-Requests (``op``): submit, job, cancel, status, models, ping. Replies (``type``): accepted, progress,
+Requests (``op``): submit, job, cancel, status, models, ping, unload. Replies (``type``): accepted, progress,
 result, error, cancelled, job, status, models, pong. Every accepted job ends with exactly one final
 reply: result, error or cancelled. docs/PROTOCOL.md describes each field.
 """
@@ -34,6 +34,7 @@ class Op(str, enum.Enum):
     STATUS = "status"
     MODELS = "models"
     PING = "ping"
+    UNLOAD = "unload"
 
 
 class Reply(str, enum.Enum):
@@ -86,7 +87,8 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_MODEL = "unknown_model"
     INVALID_PARAMS = "invalid_params"      # refused before queueing, or by the task when it starts
     BUSY = "busy"                          # the queue is full: retry later
-    NOT_FOUND = "not_found"                # no such job (or its result has expired)
+    NOT_FOUND = "not_found"                # no such job of yours (or its result has expired)
+    CONFLICT = "conflict"                  # a client_job_id reused for a different job
     DEADLINE_EXCEEDED = "deadline_exceeded"
     TASK_FAILED = "task_failed"            # the model could not run the job (e.g. a damaged store)
     OVERHEATED = "overheated"              # the device is too hot to take new jobs

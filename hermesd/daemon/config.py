@@ -14,9 +14,15 @@ from typing import Any, Literal
 
 from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from hermesd.errors import HermesError
+from hermesd.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImagePolicy
 from hermesd.units import parse_size
 from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
@@ -43,6 +49,20 @@ class ModelSettings(_Strict):
     max_prompt_tokens: int = Field(default=512, ge=1, le=1 << 20)
     max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
     defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    keep_alive: float | str = -1  # how long an idle model stays loaded: seconds or "30s"/"5m"/"2h"; 0; -1 forever
+    load: Literal["start", "first_use"] = "start"
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: float | str) -> float | str:
+        parse_duration(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """Seconds an idle model stays loaded; None: forever (keep_alive -1, the default)."""
+        seconds = parse_duration(self.keep_alive)
+        return None if seconds < 0 else seconds
 
     @field_validator("memory_budget")
     @classmethod
@@ -66,6 +86,20 @@ class ModelSettings(_Strict):
         return parse_size(self.memory_budget) if explicit else None
 
 
+def parse_duration(value: float | str) -> float:
+    """Seconds from a number or "NUMBER[s|m|h]" (Ollama's keep_alive style); a negative value means forever."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is seconds or a string such as \"5m\"")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        return float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"duration {value!r}: use seconds, or a number with s, m or h (\"5m\"); -1 = forever") from None
+
+
 class Settings(BaseSettings):
     """Everything the daemon reads from its config. Paths in the file are relative to the file."""
 
@@ -77,10 +111,16 @@ class Settings(BaseSettings):
     endpoint: str | None = None
     tcp_endpoint: str | None = None
     socket_mode: str = "0660"
+    allow_insecure_tcp: bool = False       # serve tcp_endpoint without CURVE (every TCP client is one identity)
+    curve_keys_dir: Path | None = None     # server.key / server.key_secret (`hermesd keys`); default state_dir/curve
+    curve_clients_dir: Path | None = None  # allowed clients' public *.key files; default curve_keys_dir/clients
     max_message_bytes: int = Field(default=1 << 20, ge=4096, le=1 << 30)
     max_message_frames: int = Field(default=3, ge=3, le=64)
     max_stop_strings: int = Field(default=16, ge=0, le=1024)
     max_stop_chars: int = Field(default=64, ge=1, le=4096)
+    max_image_bytes: int = Field(default=4 << 20, ge=1024, le=MAX_IMAGE_BYTES)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, le=1 << 28)
+    image_dirs: list[Path] = Field(default_factory=list)  # classify may read image files only under these
     max_forward_output_bytes: int = Field(default=MAX_FORWARD_VALUES * 4, ge=4096, le=MAX_FORWARD_VALUES * 4)
     heartbeat_s: float = Field(default=5.0, ge=0)
     queue_size: int = Field(default=32, ge=1, le=100_000)
@@ -123,6 +163,17 @@ class Settings(BaseSettings):
     def resolved_state_dir(self) -> Path:
         """state_dir, else systemd's $STATE_DIRECTORY, else /var/lib/hermesd."""
         return self.state_dir or Path(os.environ.get("STATE_DIRECTORY", "/var/lib/hermesd").split(":")[0])
+
+    def image_policy(self) -> ImagePolicy:
+        """What classify jobs may read: images as bytes, files only under ``image_dirs`` (resolved)."""
+        return ImagePolicy(dirs=tuple(Path(os.path.realpath(d)) for d in self.image_dirs),
+                           max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    def resolved_curve_keys_dir(self) -> Path:
+        return self.curve_keys_dir or self.resolved_state_dir() / "curve"
+
+    def resolved_curve_clients_dir(self) -> Path:
+        return self.curve_clients_dir or self.resolved_curve_keys_dir() / "clients"
 
     def resolved_endpoint(self) -> str:
         return self.endpoint or f"ipc://{self.resolved_runtime_dir() / 'hermesd.sock'}"
@@ -175,9 +226,11 @@ def _relative_to(settings: Settings, base: Path) -> Settings:
     def resolve(path: Path | None) -> Path | None:
         return None if path is None or path.is_absolute() else (base / path).resolve()
 
-    updates: dict[str, Any] = {name: resolve(getattr(settings, name)) for name in ("runtime_dir", "state_dir")
+    names = ("runtime_dir", "state_dir", "curve_keys_dir", "curve_clients_dir")
+    updates: dict[str, Any] = {name: resolve(getattr(settings, name)) for name in names
                                if getattr(settings, name) is not None and not getattr(settings, name).is_absolute()}
     models = {name: model.model_copy(update={"store": resolve(model.store) or model.store})
               for name, model in settings.models.items()}
     thermal = settings.thermal.model_copy(update={"paths": [resolve(p) or p for p in settings.thermal.paths]})
-    return settings.model_copy(update=updates | {"models": models, "thermal": thermal})
+    image_dirs = [resolve(d) or d for d in settings.image_dirs]
+    return settings.model_copy(update=updates | {"models": models, "thermal": thermal, "image_dirs": image_dirs})

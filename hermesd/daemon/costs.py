@@ -16,7 +16,10 @@ from hermes_client.protocol import ErrorCode
 
 from hermesd.daemon.config import ModelSettings, Settings
 from hermesd.errors import Refused
+from hermesd.images import allowed_path, image_pixels
+from hermesd.images import refused as refused_image
 from hermesd.store.manifest import Manifest
+from hermesd.tasks import task_problem
 
 TOKENS_PER_TEXT_SLACK = 8  # special tokens a tokenizer may add around a text (BOS, EOS, CLS, SEP, ...)
 LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM")
@@ -63,11 +66,44 @@ class ModelShape:
 
 def check_costs(task: str, inputs: Any, params: dict[str, Any], model: ModelSettings, shape: ModelShape,
                 settings: Settings) -> None:
-    """Refused(invalid_params) when the job is over one of the limits; inputs are already type-checked."""
+    """Refused(invalid_params) when the model cannot run the task or the job is over one of the limits;
+    inputs are already type-checked."""
+    problem = task_problem(task, shape.architecture)
+    if problem is not None:
+        raise Refused(ErrorCode.INVALID_PARAMS, problem)
     if task == "generate":
         _check_stops(params.get("stop") or (), settings)
     elif task == "forward":
         _check_forward(inputs, model, shape, settings)
+    elif task == "classify":
+        _check_images(inputs, shape, settings)
+
+
+def _check_images(inputs: Any, shape: ModelShape, settings: Settings) -> None:
+    """Image bytes within max_image_bytes and max_image_pixels (read from the header); file paths only
+    under image_dirs. A text classifier takes no bytes."""
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if not shape.architecture.endswith("ForImageClassification"):
+        if any(isinstance(item, bytes) for item in items):
+            raise Refused(ErrorCode.INVALID_PARAMS, f"{shape.architecture} classifies text: inputs must be strings")
+        return
+    policy = settings.image_policy()
+    for index, item in enumerate(items):
+        if isinstance(item, bytes):
+            if len(item) > policy.max_bytes:
+                raise Refused(ErrorCode.INVALID_PARAMS, f"image {index} is {len(item)} bytes; the limit is "
+                                                        f"{policy.max_bytes} (max_image_bytes)")
+            pixels = image_pixels(item)
+            if pixels is None:
+                raise Refused(ErrorCode.INVALID_PARAMS, f"image {index}: not an image Pillow can read")
+            if pixels > policy.max_pixels:
+                raise Refused(ErrorCode.INVALID_PARAMS, f"image {index} has {pixels} pixels; the limit is "
+                                                        f"{policy.max_pixels} (max_image_pixels)")
+        elif not policy.dirs:
+            raise Refused(ErrorCode.INVALID_PARAMS, f"image {index}: file paths are not allowed by this daemon "
+                                                    f"(image_dirs is empty); send the image's bytes")
+        elif allowed_path(item, policy) is None:
+            raise Refused(ErrorCode.INVALID_PARAMS, str(refused_image(index, policy)))
 
 
 def _check_stops(stops: Any, settings: Settings) -> None:

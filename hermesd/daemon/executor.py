@@ -21,6 +21,7 @@ from hermes_client.protocol import ErrorCode, JobState
 from hermesd.daemon.hosting import ModelHost
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.errors import HermesError, StoreError, TaskError
+from hermesd.images import ImagePolicy
 from hermesd.tasks import run_task
 from hermesd.watchdog.gate import Gate
 
@@ -65,13 +66,15 @@ class Executor(threading.Thread):
     """Runs queued jobs one at a time on the loaded models."""
 
     def __init__(self, jobs: JobQueue, hosts: dict[str, ModelHost], wake: Callable[[], None],
-                 progress_interval_s: float = 0.25, before_job: JobHook | None = None) -> None:
+                 progress_interval_s: float = 0.25, before_job: JobHook | None = None,
+                 images: ImagePolicy = ImagePolicy(dirs=())) -> None:
         super().__init__(name="hermesd-executor", daemon=True)
         self.jobs = jobs
         self.hosts = hosts
         self.outbox: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.gate = Gate()
         self.progress_interval_s = progress_interval_s
+        self.images = images  # where classify may read image files, how large images may be (config)
         self.current: QueuedJob | None = None
         self.last_progress = time.monotonic()
         self.paused_s = 0.0  # time held by the gate, this job
@@ -95,6 +98,7 @@ class Executor(threading.Thread):
         while not self._stopping.is_set():
             self._run_control()
             self._adjust_residency()
+            self._release_idle()
             self.last_progress = time.monotonic()
             job = self.jobs.get(IDLE_WAIT_S)
             if job is None:
@@ -115,9 +119,21 @@ class Executor(threading.Thread):
             except Exception:  # a failed reload must not kill the executor
                 log.exception("reconfiguring between jobs failed")
 
+    def _release_idle(self) -> None:
+        """Close the engines of models idle past their keep_alive (between jobs, on this thread)."""
+        now = time.monotonic()
+        for host in list(self.hosts.values()):
+            if host.idle_expired(now):
+                try:
+                    host.release()
+                except Exception:  # keep serving; the next job reopens it
+                    log.exception("model %s: releasing it failed", host.name)
+
     def _adjust_residency(self) -> None:
         """Shed or restore the models' resident sets as the gate says (on this thread, between stages)."""
         for host in list(self.hosts.values()):
+            if host.engine is None:  # not loaded: nothing resident
+                continue
             try:
                 if self.gate.shed_resident:
                     self.evicted += host.engine.shed_resident()
@@ -151,13 +167,16 @@ class Executor(threading.Thread):
             if self._before_job is not None:
                 self._before_job(job)
             params = dict(record.params)
+            engine = host.ensure_open()  # loads a model configured with load = "first_use" or released idle
             progress = _Progress(self, job, host)
-            host.engine.set_checkpoint(progress.stage)
+            engine.set_checkpoint(progress.stage)
             try:
-                result = run_task(host.engine, record.task, record.inputs, params, on_token=progress.token)
+                result = run_task(engine, record.task, record.inputs, params, on_token=progress.token,
+                                  check=progress.step, images=self.images)
             finally:
-                host.engine.set_checkpoint(None)
-            stats = host.engine.stats.to_dict()
+                engine.set_checkpoint(None)
+                host.last_used = time.monotonic()
+            stats = engine.stats.to_dict()
             stats.update(paused_s=round(self.paused_s, 3), stages_run=progress.stages,
                          prefetch_paused_stages=progress.prefetch_paused_stages, stages_evicted=self.evicted)
             return Event(EventKind.FINISHED, job, JobState.DONE, result={**result, "stats": stats})
@@ -222,6 +241,11 @@ class _Progress:
         self.prefetch_paused_stages += paused
         self.stages += 1
         self._maybe_send()
+
+    def step(self) -> None:
+        """After tokenizing and after each generated token: cancel and deadline end the job here too."""
+        self.executor.last_progress = time.monotonic()
+        self.executor._check(self.job)
 
     def token(self, token_id: int) -> None:
         self.tokens += 1

@@ -7,13 +7,19 @@ only jobs that can run are journaled and queued; everything else gets an error r
 from __future__ import annotations
 
 import heapq
+import secrets
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from hermes_client.protocol import MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, TASK_NAMES, ErrorCode
+from hermes_client.protocol import (
+    MAX_CLIENT_JOB_ID,
+    MAX_DEADLINE_S,
+    PRIORITY_RANGE,
+    TASK_NAMES,
+    ErrorCode,
+)
 
 from hermesd.daemon.config import ModelSettings
 from hermesd.daemon.journal import JobRecord
@@ -22,11 +28,12 @@ from hermesd.tasks import check_inputs, check_params
 
 
 def new_job_id() -> str:
-    return "j-" + uuid.uuid4().hex[:16]
+    """128 random bits: an id cannot be guessed, though ownership, not secrecy, is what protects a job."""
+    return "j-" + secrets.token_hex(16)
 
 
-def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings]) -> JobRecord:
-    """A queued JobRecord for a valid submit message, or Refused naming what is wrong."""
+def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings], owner: str) -> JobRecord:
+    """A queued JobRecord owned by ``owner`` for a valid submit message, or Refused naming what is wrong."""
     task = _field(message, "task", str)
     if task not in TASK_NAMES:
         raise Refused(ErrorCode.UNKNOWN_TASK, f"unknown task {task!r}; tasks are {list(TASK_NAMES)}")
@@ -51,7 +58,12 @@ def validate_submit(message: dict[str, Any], models: dict[str, ModelSettings]) -
     return JobRecord(id=new_job_id(), model=model_name, task=task, inputs=message["inputs"], params=params,
                      priority=priority, deadline=now + deadline_s if deadline_s else None,
                      client_job_id=client_job_id, progress=bool(_field(message, "progress", bool, default=False)),
-                     submitted=now)
+                     submitted=now, owner=owner)
+
+
+def same_job(a: JobRecord, b: JobRecord) -> bool:
+    """Whether two submits ask for the same work (a resend), judged by what decides the job's result."""
+    return (a.task, a.model, a.inputs, a.params, a.priority) == (b.task, b.model, b.inputs, b.params, b.priority)
 
 
 def _check_job(task: str, inputs: Any, params: dict[str, Any], model: ModelSettings) -> None:

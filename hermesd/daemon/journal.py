@@ -17,12 +17,14 @@ from typing import Any
 import msgpack
 from hermes_client.protocol import ENDED, JobState
 
-SCHEMA_VERSION = 2  # 2: cancel_requested
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+SCHEMA_VERSION = 3  # 2: cancel_requested; 3: owner, client_job_id unique per owner
+LEGACY_OWNER = "legacy"  # jobs journaled before schema 3 had no owner: no client can see them
+_JOBS = """
+CREATE TABLE IF NOT EXISTS {table} (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     id            TEXT NOT NULL UNIQUE,
-    client_job_id TEXT UNIQUE,
+    owner         TEXT NOT NULL,      -- the submitter's identity (hermesd.daemon.identity)
+    client_job_id TEXT,
     model         TEXT NOT NULL,
     task          TEXT NOT NULL,
     request       BLOB NOT NULL,      -- msgpack {inputs, params, progress}
@@ -36,8 +38,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     result        BLOB,               -- msgpack, for state 'done'
     error_code    TEXT,
     error_message TEXT,
-    cancel_requested REAL             -- unix time a cancel of the running job was acknowledged, or NULL
+    cancel_requested REAL,            -- unix time a cancel of the running job was acknowledged, or NULL
+    UNIQUE (owner, client_job_id)
 );
+"""
+_SCHEMA = _JOBS.replace("{table}", "jobs") + """
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -56,6 +61,7 @@ class JobRecord:
     deadline: float | None = None
     client_job_id: str | None = None
     progress: bool = False
+    owner: str = LEGACY_OWNER
     state: str = JobState.QUEUED.value
     attempts: int = 0
     submitted: float = field(default_factory=time.time)
@@ -108,6 +114,14 @@ class Journal:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "cancel_requested" not in columns:  # schema 1
             self._db.execute("ALTER TABLE jobs ADD COLUMN cancel_requested REAL")
+        if "owner" not in columns:  # schema 2: client_job_id was unique over all clients; rebuild the table
+            kept = [c for c in columns | {"cancel_requested"} if c != "seq"]
+            names = ", ".join(["seq", *kept])
+            self._db.executescript(
+                "BEGIN;" + _JOBS.replace("{table}", "jobs_v3") +
+                f"; INSERT INTO jobs_v3 ({names}, owner) SELECT {names}, '{LEGACY_OWNER}' FROM jobs;"
+                " DROP TABLE jobs; ALTER TABLE jobs_v3 RENAME TO jobs;"
+                " CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state); COMMIT;")
 
     def close(self) -> None:
         self._db.close()
@@ -122,9 +136,9 @@ class Journal:
         """Insert a queued job; its ``seq`` (submission order) is filled in."""
         request = msgpack.packb({"inputs": job.inputs, "params": job.params, "progress": job.progress})
         cursor = self._db.execute(
-            "INSERT INTO jobs (id, client_job_id, model, task, request, priority, deadline, state, submitted)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.id, job.client_job_id, job.model, job.task, request, job.priority, job.deadline, job.state,
+            "INSERT INTO jobs (id, owner, client_job_id, model, task, request, priority, deadline, state, submitted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.id, job.owner, job.client_job_id, job.model, job.task, request, job.priority, job.deadline, job.state,
              job.submitted))
         job.seq = cursor.lastrowid
         return job
@@ -161,8 +175,9 @@ class Journal:
     def get(self, job_id: str) -> JobRecord | None:
         return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
 
-    def by_client_id(self, client_job_id: str) -> JobRecord | None:
-        return self._one("SELECT * FROM jobs WHERE client_job_id=?", (client_job_id,))
+    def by_client_id(self, owner: str, client_job_id: str) -> JobRecord | None:
+        """The job ``owner`` submitted under ``client_job_id`` (client job ids are scoped per owner)."""
+        return self._one("SELECT * FROM jobs WHERE owner=? AND client_job_id=?", (owner, client_job_id))
 
     def unfinished(self) -> list[JobRecord]:
         """Jobs queued or running when the daemon last stopped, in submission order."""

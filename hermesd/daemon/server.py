@@ -21,15 +21,20 @@ from typing import Any
 import zmq
 from hermes_client import protocol
 from hermes_client.protocol import ErrorCode, JobState, Reply
+from zmq.auth.thread import ThreadAuthenticator
 
 from hermesd.daemon import logs
 from hermesd.daemon.config import ConfigError, Settings, load_settings
+from hermesd.daemon.counters import JobCounters
+from hermesd.daemon.curve import reload_clients
 from hermesd.daemon.executor import Event, Executor, JobHook
 from hermesd.daemon.handlers import RequestHandlers, final_message
 from hermesd.daemon.hosting import ModelHost, open_model
+from hermesd.daemon.identity import partial_uid_namespace
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.daemon.journal import Journal
 from hermesd.daemon.notify import Notifier
+from hermesd.daemon.preflight import check_stores_and_defaults, check_tcp
 from hermesd.daemon.sockets import WakePair, open_router, receive
 from hermesd.daemon.statedir import AlreadyRunning, make_private, open_state_dir
 from hermesd.daemon.status_report import DaemonView, status_line
@@ -67,15 +72,17 @@ class Daemon:
         self.hosts: dict[str, ModelHost] = {}
         self.queue = JobQueue(settings.queue_size)
         self.running: dict[str, QueuedJob] = {}  # job id -> the job the executor holds
+        self.counters = JobCounters()  # jobs ended since start, for status (Prometheus)
         self.watchdogs = Watchdogs(settings)
         self.wakeup = WakePair()
         self.executor = Executor(self.queue, self.hosts, self.wakeup.wake, settings.progress_interval_s,
-                                 before_job=executor_hook)
+                                 before_job=executor_hook, images=settings.image_policy())
         self.handlers = RequestHandlers(self)
         self.journal: Journal | None = None  # opened by startup(), once the state directory is locked
         self.context: zmq.Context | None = None
         self.router: zmq.Socket | None = None
         self.endpoints: list[str] = []
+        self.authenticator: ThreadAuthenticator | None = None  # ZAP handler of a CURVE tcp_endpoint
         self.poller = zmq.Poller()
         self._lock_fd: int | None = None
         self._signals: list[int] = []
@@ -116,6 +123,10 @@ class Daemon:
         for path in self.journal.files():  # a journal made before this rule, or under another umask
             make_private(path, 0o600)
         self.journal.purge(self.settings.result_retention_s)
+        check_tcp(self.settings)  # before minutes of model loading: a missing key is a config error
+        if partial_uid_namespace():
+            log.warning("in a user namespace (PrivateUsers=): local clients whose uid is not mapped all read as "
+                        "uid 65534 and share one job identity")
         for name, model in self.settings.models.items():
             self.notifier.extend_timeout(STARTUP_EXTEND_S, f"loading model {name}")
             log.info("loading model %s from %s", name, model.store)
@@ -148,7 +159,7 @@ class Daemon:
 
     def _bind(self) -> None:
         self.context = zmq.Context()
-        self.router, self.endpoints = open_router(self.context, self.settings)
+        self.router, self.endpoints, self.authenticator = open_router(self.context, self.settings)
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.wakeup.reader.fileno(), zmq.POLLIN)
 
@@ -182,6 +193,8 @@ class Daemon:
             self._handle_events()  # record what ended while stopping
         if self.router is not None:
             self.router.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         if self.context is not None:
             self.context.term()
         if not self.executor.is_alive():
@@ -230,6 +243,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_settings(self.config_path)
+            check_stores_and_defaults(new)  # a typo in a default would otherwise fail every job
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             self.notifier.ready(self._status_line())
@@ -243,7 +257,9 @@ class Daemon:
             self.executor.between_jobs(lambda: self._swap_models(new, changed, removed))
         self.queue.capacity = new.queue_size
         self.executor.progress_interval_s = new.progress_interval_s
+        self.executor.images = new.image_policy()
         self.watchdogs.configure(new)
+        reload_clients(self.authenticator, new)
         logs.set_level(new.log_level)
         self.settings = new
         self.notifier.ready(self._status_line())
@@ -276,7 +292,7 @@ class Daemon:
                 log.debug("message dropped: %s", incoming.problem)  # debug: a flood must not flood the log
                 self.send(incoming.envelope, {**protocol.error(ErrorCode.TOO_LARGE, incoming.problem), "rid": None})
             elif incoming.payload is not None:
-                self.handlers.dispatch(incoming.envelope, incoming.payload)
+                self.handlers.dispatch(incoming.envelope, incoming.payload, incoming.identity)
 
     def send(self, envelope: list[bytes] | None, body: dict[str, Any]) -> bool:
         """Send to one client; False if it is gone (its job's result stays fetchable by id)."""
@@ -318,6 +334,7 @@ class Daemon:
         """Journal a job's end, then send its one final reply."""
         self.journal.finish(job.id, state, result, error)
         record = self.journal.get(job.id)
+        self.counters.record(record)
         delivered = self.send(job.reply_to, final_message(record))
         took = (record.finished or 0) - (record.started or record.submitted)
         detail = f"{error[0]}: {error[1]}" if error else f"{took:.2f} s"
@@ -327,7 +344,7 @@ class Daemon:
     def on_tick(self) -> None:
         if self.state == State.DRAINING:
             self._drain_step()
-        self.watchdogs.apply(self.executor.gate, sum(host.engine.shed_bytes for host in list(self.hosts.values())))
+        self.watchdogs.apply(self.executor.gate, sum(host.shed_bytes for host in list(self.hosts.values())))
         if self.notifier.watchdog_due() and self._executor_healthy():
             self.notifier.watchdog()
         self.notifier.status(self._status_line())
@@ -336,7 +353,8 @@ class Daemon:
             self.journal.purge(self.settings.result_retention_s)
 
     def _executor_healthy(self) -> bool:
-        """Alive and making progress: the only condition under which systemd's watchdog is fed."""
+        """Alive and making progress: the only condition under which systemd's watchdog is fed, and what
+        ``status`` reports as the executor's health."""
         limit = self.settings.executor_stall_s or (self.notifier.watchdog_usec or 60e6) / 1e6
         stalled_for = time.monotonic() - self.executor.last_progress
         healthy = self.executor.is_alive() and stalled_for < limit
@@ -348,9 +366,10 @@ class Daemon:
     def view(self) -> DaemonView:
         return DaemonView(state=self.state.value, version=__version__, uptime_s=time.monotonic() - self.started,
                           queued=len(self.queue), current=self.executor.current, journal_counts=self.journal.counts(),
-                          executor_healthy=self.executor.is_alive(),
+                          executor_healthy=self._executor_healthy(),
                           since_progress_s=time.monotonic() - self.executor.last_progress,
-                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts))
+                          watchdogs=self.watchdogs.report(), models=sorted(self.hosts),
+                          counters=self.counters.snapshot())
 
     def _status_line(self) -> str:
         return status_line(self.view()) if self.journal is not None else self.state.value

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from hermesd.daemon.config import ConfigError, Settings
+from hermesd.daemon.curve import secure_tcp
+from hermesd.daemon.identity import ANONYMOUS, peer_identity
 
 
-def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, list[str]]:
-    """A ROUTER bound to the configured endpoints; a bind failure is a ConfigError (exit 78)."""
+def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, list[str], ThreadAuthenticator | None]:
+    """A ROUTER bound to the configured endpoints, and the ZAP handler of its CURVE TCP endpoint (if any).
+
+    A bind failure, or TCP without keys or allow_insecure_tcp, is a ConfigError (exit 78).
+    """
     router = context.socket(zmq.ROUTER)
     # ROUTER_MANDATORY: a reply to a vanished client fails at once instead of queueing forever;
     # MAXMSGSIZE: an oversize message drops its sender before a byte of it is decoded.
@@ -26,13 +32,18 @@ def open_router(context: zmq.Context, settings: Settings) -> tuple[zmq.Socket, l
                               (zmq.HEARTBEAT_TTL, 3 * interval)):
             router.setsockopt(option, value)
     endpoints = [e for e in (settings.resolved_endpoint(), settings.tcp_endpoint) if e]
+    authenticator = None
     try:
-        for endpoint in endpoints:
-            _bind(router, endpoint, int(settings.socket_mode, 8))
+        _bind(router, endpoints[0], int(settings.socket_mode, 8))
+        if settings.tcp_endpoint:
+            authenticator = secure_tcp(context, router, settings)  # options set now apply to the next bind only
+            _bind(router, settings.tcp_endpoint, int(settings.socket_mode, 8))
     except ConfigError:
         router.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()
         raise
-    return router, endpoints
+    return router, endpoints, authenticator
 
 
 def _bind(router: zmq.Socket, endpoint: str, mode: int) -> None:
@@ -57,6 +68,7 @@ class Incoming:
     envelope: list[bytes]
     payload: bytes | None
     problem: str | None = None
+    identity: str = ANONYMOUS  # who sent it (hermesd.daemon.identity): the owner of what it submits
 
 
 def receive(router: zmq.Socket, max_frames: int, max_bytes: int) -> Incoming:
@@ -72,6 +84,8 @@ def receive(router: zmq.Socket, max_frames: int, max_bytes: int) -> Incoming:
     while more:
         frame = router.recv(zmq.NOBLOCK, copy=False)  # the parts of a message arrive together
         more = frame.more
+        if frames == 0:
+            identity = peer_identity(frame)
         frames += 1
         total += len(frame)
         if frames <= max_frames and total <= max_bytes:
@@ -82,7 +96,7 @@ def receive(router: zmq.Socket, max_frames: int, max_bytes: int) -> Incoming:
     if total > max_bytes:
         return Incoming(_reply_envelope(kept), None, f"message of {total} bytes over its frames; the limit is "
                                                       f"{max_bytes} (max_message_bytes)")
-    return Incoming(kept[:-1], kept[-1] if len(kept) >= 2 else None)
+    return Incoming(kept[:-1], kept[-1] if len(kept) >= 2 else None, identity=identity)
 
 
 def _reply_envelope(kept: list[bytes]) -> list[bytes]:

