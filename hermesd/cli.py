@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
     parser.add_argument("--version", action="version", version=f"hermesd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve):
+    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_mqtt):
         add(commands)
     commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
                                       "hermesd bench --help)")
@@ -138,6 +138,14 @@ def _add_serve(commands) -> None:
                                                    "/etc/hermesd/hermesd.toml)")
     serve.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
     serve.set_defaults(handler=_cmd_serve)
+
+
+def _add_mqtt(commands) -> None:
+    mqtt = commands.add_parser("mqtt", help="bridge an MQTT broker to the local daemon (docs/MQTT.md)")
+    mqtt.add_argument("--config", type=Path, help="TOML config (default: $HERMESD_MQTT_CONFIG or "
+                                                  "/etc/hermesd/mqtt.toml)")
+    mqtt.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
+    mqtt.set_defaults(handler=_cmd_mqtt)
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -306,6 +314,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"config ok: {len(settings.models)} model(s) ({', '.join(settings.models)}), "
           f"endpoint {settings.resolved_endpoint()}, state {settings.resolved_state_dir()}")
     return 0
+
+
+def _cmd_mqtt(args: argparse.Namespace) -> int:
+    from hermesd.mqtt.settings import ConfigError, load_bridge_settings
+
+    try:
+        settings = load_bridge_settings(args.config)
+    except ConfigError as exc:
+        print(f"hermesd: configuration error: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG, as for serve: systemd's RestartPreventExitStatus=78
+    if args.check:
+        print(f"config ok: node {settings.node}, broker {settings.host}:{settings.port}, "
+              f"group {settings.group or '(none)'}, daemon {settings.endpoint or '(default endpoint)'}")
+        return 0
+    from hermesd.mqtt.bridge import serve
+
+    return serve(settings)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
