@@ -36,7 +36,8 @@ class Ledger:
     """SQLite file in the bridge's state directory; safe to share between the bridge's threads."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(mode=0o600, exist_ok=True)  # it holds prompts: private before SQLite writes a byte
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # recorded means on disk: it is what the broker ack rests on

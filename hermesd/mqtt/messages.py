@@ -109,10 +109,10 @@ def parse_job(where: JobTopic, payload: bytes, fmt: str, reply: Reply) -> JobReq
             raise BadMessage(ErrorCode.BAD_REQUEST, f"\"id\" must be a string of 1-{MAX_ID_CHARS} characters "
                                                     "without '/', '+' or '#'")
         reply.request_id = request_id
-    if "reply_to" in body and reply.topic is None:
+    if "reply_to" in body:
         if not valid_reply_topic(body["reply_to"]):
             raise BadMessage(ErrorCode.BAD_REQUEST, "\"reply_to\" must be a topic without wildcards or a leading '$'")
-        reply.topic = body["reply_to"]
+        reply.topic = reply.topic or body["reply_to"]  # an MQTT 5 response topic wins
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise BadMessage(ErrorCode.BAD_REQUEST, f"unknown field(s) {unknown}; a job has {sorted(FIELDS)}")

@@ -75,6 +75,8 @@ class BridgeSettings(BaseSettings):
     @field_validator("node", "prefix", "group")
     @classmethod
     def _word(cls, value: str | None) -> str | None:
+        if value == "":
+            return None  # group = "": no shared subscription, this node takes only its own topic
         if value is not None and not _is_word(value):
             raise ValueError(f"{value!r}: use 1-64 {_TOPIC_WORD}")
         return value
