@@ -26,29 +26,46 @@ from daemon_support import start_daemon, write_config  # noqa: E402
 from mqtt_support import MOSQUITTO, Broker, start_bridge, write_bridge_config  # noqa: E402
 
 
-def direct(client, jobs: int, window: int) -> float:
-    """Seconds for ``jobs`` embed jobs through hermes_client with ``window`` in flight."""
+def direct(client, jobs: int, window: int) -> tuple[float, list[float]]:
+    """(seconds for ``jobs`` embed jobs through hermes_client with ``window`` in flight, per-job latencies)."""
     started = time.perf_counter()
     pending: collections.deque = collections.deque()
+    latencies = []
+
+    def finish() -> None:
+        job, sent = pending.popleft()
+        job.result(120)
+        latencies.append(time.perf_counter() - sent)
+
     for index in range(jobs):
-        pending.append(client.submit("embed", "minilm", f"reading {index} from a sensor"))
+        pending.append((client.submit("embed", "minilm", f"reading {index} from a sensor"), time.perf_counter()))
         if len(pending) >= window:
-            pending.popleft().result(120)
+            finish()
     while pending:
-        pending.popleft().result(120)
-    return time.perf_counter() - started
+        finish()
+    return time.perf_counter() - started, latencies
 
 
-def through_mqtt(broker: Broker, node: str, jobs: int, tag: str) -> float:
-    """Seconds from the first publish to the last answer for ``jobs`` embed jobs sent at once."""
+def through_mqtt(broker: Broker, node: str, jobs: int, window: int, tag: str) -> tuple[float, list[float]]:
+    """The same through the bridge: a paho requester keeps ``window`` jobs (QoS 1) awaiting their answers."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    done = threading.Event()
-    answers: list[bytes] = []
+    slots, done = threading.Semaphore(window), threading.Event()
+    sent: dict[str, float] = {}
+    latencies: list[float] = []
+
+    def on_answer(_client, _userdata, message) -> None:
+        body = json.loads(message.payload)
+        assert body["status"] == "done", body
+        latencies.append(time.perf_counter() - sent[body["id"]])
+        slots.release()
+        if len(latencies) >= jobs:
+            done.set()
+
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.on_message = lambda _c, _u, m: (answers.append(m.payload), len(answers) >= jobs and done.set())
+    client.on_message = on_answer
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     client.subscribe(f"bench/{tag}", qos=1)
@@ -57,15 +74,24 @@ def through_mqtt(broker: Broker, node: str, jobs: int, tag: str) -> float:
     properties.ResponseTopic = f"bench/{tag}"
     started = time.perf_counter()
     for index in range(jobs):
-        payload = json.dumps({"inputs": f"reading {index} from a sensor", "id": f"{tag}-{index}"})
+        slots.acquire()
+        request_id = f"{tag}-{index}"
+        sent[request_id] = time.perf_counter()
+        payload = json.dumps({"inputs": f"reading {index} from a sensor", "id": request_id})
         client.publish(f"hermes/{node}/jobs/minilm/embed", payload, qos=1, properties=properties)
     if not done.wait(600):
-        raise SystemExit(f"only {len(answers)} of {jobs} answers in 600 s")
+        raise SystemExit(f"only {len(latencies)} of {jobs} answers in 600 s")
     elapsed = time.perf_counter() - started
     client.loop_stop()
     client.disconnect()
-    assert all(json.loads(a)["status"] == "done" for a in answers)
-    return elapsed
+    return elapsed, latencies
+
+
+def _cpu_s(*pids: int) -> list[float]:
+    """User + system CPU seconds of each process so far."""
+    import psutil
+
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
 
 
 def _store(args: argparse.Namespace, root: Path) -> Path:
@@ -104,28 +130,42 @@ def main() -> None:
         try:
             time.sleep(2)
             direct(client, 20, args.window)  # warm up both paths
-            through_mqtt(broker, "bench", 20, "warm")
-            results = collections.defaultdict(list)
-            for rep in range(args.reps):
+            through_mqtt(broker, "bench", 20, args.window, "warm")
+            results: dict[str, list[float]] = collections.defaultdict(list)
+            latencies: dict[str, list[float]] = collections.defaultdict(list)
+            cpu_ms: dict[str, list[float]] = collections.defaultdict(list)
+            for rep in range(args.reps):  # alternate the two paths, so load on the machine hits both alike
                 for window in (args.window, 1):
-                    n = args.jobs if window > 1 else max(20, args.jobs // 5)
-                    results[f"direct w={window}"].append(n / direct(client, n, window))
-                    results[f"mqtt w={window}"].append(n / through_mqtt(broker, "bench", n, f"r{rep}w{window}"))
-            _report(results, args)
+                    n = args.jobs if window > 1 else max(20, args.jobs // 4)
+                    for name, measure in (("direct", lambda: direct(client, n, window)),
+                                          ("mqtt", lambda: through_mqtt(broker, "bench", n, window, f"r{rep}w{window}"))):
+                        before = _cpu_s(bridge.proc.pid, broker.proc.pid)
+                        elapsed, each = measure()
+                        if name == "mqtt":  # what the transport itself costs: CPU of bridge and broker per job
+                            after = _cpu_s(bridge.proc.pid, broker.proc.pid)
+                            cpu_ms["bridge"].append(1000 * (after[0] - before[0]) / n)
+                            cpu_ms["broker"].append(1000 * (after[1] - before[1]) / n)
+                        results[f"{name} w={window}"].append(n / elapsed)
+                        latencies[f"{name} w={window}"].extend(each)
+            _report(results, latencies, args)
+            print("CPU per MQTT job: " + ", ".join(f"{k} {statistics.median(v):.2f} ms" for k, v in cpu_ms.items()))
         finally:
             bridge.stop()
             daemon.stop()
             broker.stop()
 
 
-def _report(results: dict[str, list[float]], args: argparse.Namespace) -> None:
+def _report(results: dict[str, list[float]], latencies: dict[str, list[float]], args: argparse.Namespace) -> None:
     rates = {name: statistics.median(values) for name, values in results.items()}
+    latency_ms = {name: 1000 * statistics.median(values) for name, values in latencies.items()}
     for name, rate in rates.items():
-        print(f"{name:14s} {rate:7.1f} jobs/s  ({1000 / rate:6.1f} ms/job; reps {[round(v, 1) for v in results[name]]})")
+        print(f"{name:10s} {rate:7.1f} jobs/s (reps {[round(v, 1) for v in results[name]]}), "
+              f"median latency {latency_ms[name]:7.1f} ms")
     for window in (args.window, 1):
-        d, m = rates[f"direct w={window}"], rates[f"mqtt w={window}"]
-        print(f"window {window}: MQTT adds {1000 / m - 1000 / d:+.1f} ms per job ({m / d:.0%} of direct throughput)")
-    print(json.dumps({"jobs": args.jobs, "window": args.window, "jobs_per_s": rates}))
+        d, m = f"direct w={window}", f"mqtt w={window}"
+        print(f"window {window}: MQTT at {rates[m] / rates[d]:.0%} of direct throughput, "
+              f"{latency_ms[m] - latency_ms[d]:+.1f} ms median latency")
+    print(json.dumps({"jobs": args.jobs, "window": args.window, "jobs_per_s": rates, "median_latency_ms": latency_ms}))
 
 
 if __name__ == "__main__":

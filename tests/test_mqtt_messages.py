@@ -104,3 +104,12 @@ def test_settings_file_env_and_refusals(tmp_path, monkeypatch):
             load_bridge_settings(config)
     with pytest.raises(ConfigError, match="not found"):
         load_bridge_settings(tmp_path / "missing.toml")
+
+
+def test_the_bridge_never_imports_torch():
+    import subprocess
+    import sys
+
+    probe = "import sys, hermesd.cli, hermesd.mqtt.bridge; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

@@ -65,6 +65,7 @@ class Worker:
 
     def resume(self, key: str, job: JobRequest) -> None:
         """A job acknowledged by an earlier run of the bridge and not answered: wait for it and answer."""
+        log.debug("resuming %s", key)
         self.run(key, job, ack=lambda: None)
 
     # -- steps ---------------------------------------------------------------------------------
@@ -96,6 +97,7 @@ class Worker:
             return
         try:
             if ledger.state(key) == "answered":
+                log.debug("%s was answered already", key)
                 ack()  # a duplicate of a request already answered
                 return
             handle = self._submit(key, job)
@@ -105,8 +107,10 @@ class Worker:
                 return
             ledger.record(key, handle.id, job)
             ack()
+            log.debug("accepted %s as job %s", key, handle.id)
             if self._wait_and_answer(handle, key, job):
                 ledger.answered(key)
+                log.debug("answered %s (job %s)", key, handle.id)
         except Stopping:
             pass
         finally:
