@@ -68,6 +68,9 @@ def through_mqtt(broker: Broker, node: str, jobs: int, window: int, tag: str) ->
     client.on_message = on_answer
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
+    from hermesd.mqtt.connection import no_delay
+
+    no_delay(client)
     client.subscribe(f"bench/{tag}", qos=1)
     time.sleep(0.5)
     properties = Properties(PacketTypes.PUBLISH)

@@ -51,7 +51,7 @@ class Broker:
         self.conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                              "persistence true\n"
                              f"persistence_location {root}/\nautosave_interval 1\nlog_dest file {root}/broker.log\n"
-                             "max_queued_messages 10000\n")
+                             "max_queued_messages 10000\nset_tcp_nodelay true\n")
         self.proc: subprocess.Popen | None = None
         self.start()
 

@@ -141,6 +141,7 @@ class Bridge:
             return
         log.info("connected to %s:%d (session present: %s)", self.settings.host, self.settings.port,
                  flags.session_present)
+        connection.no_delay(client)
         client.publish(self.topics.status, connection.ONLINE, qos=connection.QOS, retain=True)
         client.publish(self.topics.models, self._models_payload, qos=connection.QOS, retain=True)
         client.subscribe(self.topics.direct_filter(), qos=connection.QOS)

@@ -8,6 +8,7 @@ and aiomqtt is itself a wrapper over paho (asyncio on top, nothing more the brid
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 
@@ -102,6 +103,14 @@ def expiry_left(message: mqtt.MQTTMessage) -> int | None:
     """Seconds the sender gave the message to live (MQTT 5 message expiry), as the broker counts them down."""
     props = getattr(message, "properties", None)
     return getattr(props, "MessageExpiryInterval", None) if props is not None else None
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Turn Nagle's algorithm off: a job and its PUBACK are small packets that would otherwise wait
+    for the peer's delayed ACK (tens of ms each way). paho does not do it itself."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _str(path: object) -> str | None:
