@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermesd", description="PipeLoad streaming inference for Transformer models")
     parser.add_argument("--version", action="version", version=f"hermesd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_keys, add_gateway):
+    for add in (_add_convert, _add_info, _add_profile, _add_plan, _add_run, _add_serve, _add_keys, add_gateway, _add_mqtt):
         add(commands)
     commands.add_parser("bench", help="benchmark suite against the alternatives (source checkout only; "
                                       "hermesd bench --help)")
@@ -156,6 +156,14 @@ def _add_keys(commands) -> None:
     keys.add_argument("--dir", type=Path, help="write here instead (default: curve_keys_dir; with --client: .)")
     keys.add_argument("--force", action="store_true", help="replace an existing key pair")
     keys.set_defaults(handler=_cmd_keys)
+
+
+def _add_mqtt(commands) -> None:
+    mqtt = commands.add_parser("mqtt", help="bridge an MQTT broker to the local daemon (docs/MQTT.md)")
+    mqtt.add_argument("--config", type=Path, help="TOML config (default: $HERMESD_MQTT_CONFIG or "
+                                                  "/etc/hermesd/mqtt.toml)")
+    mqtt.add_argument("--check", action="store_true", help="validate the config and exit (0 valid, 78 invalid)")
+    mqtt.set_defaults(handler=_cmd_mqtt)
 
 
 def _engine_options(parser: argparse.ArgumentParser) -> None:
@@ -353,6 +361,23 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     key = next(line.split('"')[1] for line in public.read_text().splitlines() if "public-key" in line)
     print(f"{name} public key {key}\n  public: {public}\n  secret: {secret} (keep private)")
     return 0
+
+
+def _cmd_mqtt(args: argparse.Namespace) -> int:
+    from hermesd.mqtt.settings import ConfigError, load_bridge_settings
+
+    try:
+        settings = load_bridge_settings(args.config)
+    except ConfigError as exc:
+        print(f"hermesd: configuration error: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG, as for serve: systemd's RestartPreventExitStatus=78
+    if args.check:
+        print(f"config ok: node {settings.node}, broker {settings.host}:{settings.port}, "
+              f"group {settings.group or '(none)'}, daemon {settings.endpoint or '(default endpoint)'}")
+        return 0
+    from hermesd.mqtt.bridge import serve
+
+    return serve(settings)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
