@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,8 @@ def _at_least(minimum: int):
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.quiet:  # tqdm reads TQDM_* defaults when it is first imported; some bars bypass transformers' switch
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from hermesd.store.convert import convert, open_source
 
     if args.random_config is not None and len(args.paths) != 1:
@@ -194,13 +197,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dest = Path(args.paths[-1])
     if dest.exists() and not args.force:  # refuse before the (possibly slow) source is opened
         raise HermesError(f"{dest} already exists; pass --force to replace it")
-    source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed,
-                         dequantize=args.dequantize, quantize=args.quantize, group_size=args.group_size)
-    progress = None if args.quiet else _print_progress
-    if args.quiet:
+    if args.quiet:  # before the source opens: transformers' GGUF loader draws its bar while loading
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed,
+                         dequantize=args.dequantize, quantize=args.quantize, group_size=args.group_size)
+    progress = None if args.quiet else _print_progress
     report = convert(source, dest, dtype=args.dtype, force=args.force, progress=progress)
     if args.json:
         print(json.dumps(report.__dict__))

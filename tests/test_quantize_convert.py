@@ -172,3 +172,14 @@ def test_wide_layers_are_stored_kernel_ready_and_planned_with_their_tables(tmp_p
             assert any(isinstance(m, QuantLinear) and m.small_m_path() != "dense" for m in engine.model.modules())
             tokens[label] = engine.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens["resident"], tokens["streamed"])
+
+
+@pytest.mark.slow  # the real bundled model
+def test_quiet_convert_prints_no_progress_bar(smollm2, tmp_path: Path):
+    gguf, _ = smollm2
+    done = subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", str(gguf), str(tmp_path / "q"),
+                           "--dequantize", "--quantize", "int8", "--quiet"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr[-500:]
+    assert "quantization error" in done.stdout
