@@ -21,13 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.harness import (
-    cpu_steal_s,
-    machine_facts,
-    make_cold,
-    run_json_child,
-    weight_files,
-)
+from bench.harness import cpu_steal_s, machine_facts, make_cold, run_json_child, weight_files
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent

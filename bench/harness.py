@@ -158,9 +158,7 @@ def proc_read_bytes() -> int:
 
 def machine_facts() -> dict[str, Any]:
     """CPU model, cores, memory, kernel, date and package versions, for the record."""
-    from hermesd.plan.profile import (
-        cpu_model,  # deferred: children run by other interpreters import this module
-    )
+    from hermesd.plan.profile import cpu_model  # deferred: children run by other interpreters import this module
 
     return {
         "cpu_model": cpu_model(),

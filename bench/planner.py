@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import median, run_json_child
-from hermesd.plan.planner import (
-    Prediction,
-    best_for_depth,
-    choose_plan,
-    evaluate,
-    minimum_budget,
-)
+from hermesd.plan.planner import Prediction, best_for_depth, choose_plan, evaluate, minimum_budget
 from hermesd.plan.profile import Profile
 from hermesd.plan.workload import Workload
 

@@ -29,21 +29,11 @@ import torch.nn.functional as F
 
 from hermesd.quant.cpu import cpu_flags, default_policy
 from hermesd.quant.ggml_blocks import BLOCK_FORMATS
-from hermesd.quant.int4pack import (
-    _torch_convert,
-    from_kernel_layout,
-    kernel_layout,
-    to_kernel_layout,
-)
+from hermesd.quant.int4pack import _torch_convert, from_kernel_layout, kernel_layout, to_kernel_layout
 from hermesd.quant.kernels import DENSE, prepare_int4, prepare_int4x2
 from hermesd.quant.linear import QuantLinear
 from hermesd.quant.quantizer import quantize, relative_rms_error
-from hermesd.quant.qweight import (
-    QuantizedWeight,
-    QuantMeta,
-    expected_dtypes,
-    expected_shapes,
-)
+from hermesd.quant.qweight import QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
 
 SHAPES = [(5632, 2048), (2048, 5632), (11008, 4096)]  # (N out_features, K in_features)
 FORMATS = ["int8", "int4", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]

@@ -23,14 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cgroup import MemoryGroup, unavailable_reason
-from bench.harness import (
-    emit_json_line,
-    evict,
-    machine_facts,
-    median,
-    run_json_child,
-    weight_files,
-)
+from bench.harness import emit_json_line, evict, machine_facts, median, run_json_child, weight_files
 from hermesd.units import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,13 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cgroup
-from bench.harness import (
-    children_cpu_s,
-    cpu_busy_s,
-    cpu_steal_s,
-    make_cold,
-    run_json_child,
-)
+from bench.harness import children_cpu_s, cpu_busy_s, cpu_steal_s, make_cold, run_json_child
 from bench.prepare import REPO_ROOT, Prepared, ensure_airllm_split, plans_for
 from bench.scenarios import BOUNDS
 

@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from hermes_client.protocol import (
-    MAX_FORWARD_VALUES,
-    MAX_NEW_TOKENS,
-    TASK_NAMES,
-    is_int,
-    is_number,
-)
+from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES, is_int, is_number
 from transformers import StoppingCriteriaList
 
 from hermesd.decoding import StepControl

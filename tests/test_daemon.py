@@ -14,14 +14,7 @@ import pytest
 import torch
 import zmq
 from daemon_support import start_daemon, wait_for_state, write_config
-from hermes_client import (
-    ErrorCode,
-    JobCancelled,
-    JobFailed,
-    ServerError,
-    TryLater,
-    protocol,
-)
+from hermes_client import ErrorCode, JobCancelled, JobFailed, ServerError, TryLater, protocol
 from hooked_daemon import hang_input
 
 import hermesd

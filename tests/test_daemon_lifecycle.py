@@ -15,13 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_support import (
-    CHILD_PATH,
-    NotifySocket,
-    start_daemon,
-    wait_for_state,
-    write_config,
-)
+from daemon_support import CHILD_PATH, NotifySocket, start_daemon, wait_for_state, write_config
 from hermes_client import ServerError
 from hooked_daemon import hang_input
 

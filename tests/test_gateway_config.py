@@ -10,11 +10,7 @@ from hermes_client.metrics import prometheus_text
 from prometheus_client.parser import text_string_to_metric_families
 
 import hermesd
-from hermesd.gateway.config import (
-    GatewayConfigError,
-    is_loopback,
-    load_gateway_settings,
-)
+from hermesd.gateway.config import GatewayConfigError, is_loopback, load_gateway_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "hermesd-gateway.toml"
 

@@ -8,15 +8,7 @@ import msgpack
 import pytest
 
 from hermesd.mqtt.ledger import Ledger
-from hermesd.mqtt.messages import (
-    JSON,
-    MSGPACK,
-    BadMessage,
-    Reply,
-    answer,
-    parse_job,
-    payload_format,
-)
+from hermesd.mqtt.messages import JSON, MSGPACK, BadMessage, Reply, answer, parse_job, payload_format
 from hermesd.mqtt.settings import ConfigError, load_bridge_settings
 from hermesd.mqtt.topics import JobTopic, Topics, valid_reply_topic
 

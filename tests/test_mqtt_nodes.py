@@ -12,14 +12,7 @@ from collections import Counter
 
 import pytest
 from daemon_support import start_daemon, write_config
-from mqtt_support import (
-    Broker,
-    Listener,
-    require_mosquitto,
-    start_bridge,
-    status_is,
-    write_bridge_config,
-)
+from mqtt_support import Broker, Listener, require_mosquitto, start_bridge, status_is, write_bridge_config
 
 pytestmark = pytest.mark.slow
 

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from hermes_client import ErrorCode
 
-from hermesd.watchdog.policy import (
-    Actions,
-    Memory,
-    Thermal,
-    decide,
-    memory_level,
-    thermal_level,
-)
+from hermesd.watchdog.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
 from hermesd.watchdog.settings import MemoryWatchSettings, ThermalSettings
 
 HOT = ThermalSettings(soft_c=75, hard_c=82, critical_c=90, hysteresis_c=5)

@@ -21,12 +21,7 @@ from typing import Any, Iterator
 import zmq
 
 from hermes_client import protocol
-from hermes_client.errors import (
-    DaemonUnreachable,
-    JobCancelled,
-    ServerError,
-    server_error,
-)
+from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
 from hermes_client.keys import curve_keys
 from hermes_client.protocol import FINAL, Op, Reply
 

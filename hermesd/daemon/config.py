@@ -14,12 +14,7 @@ from typing import Any, Literal
 
 from hermes_client.protocol import MAX_FORWARD_VALUES, MAX_NEW_TOKENS, TASK_NAMES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from hermesd.errors import HermesError
 from hermesd.images import DEFAULT_MAX_PIXELS, MAX_IMAGE_BYTES, ImagePolicy

@@ -13,13 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hermes_client.protocol import (
-    MAX_CLIENT_JOB_ID,
-    MAX_DEADLINE_S,
-    PRIORITY_RANGE,
-    TASK_NAMES,
-    ErrorCode,
-)
+from hermes_client.protocol import MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, TASK_NAMES, ErrorCode
 
 from hermesd.daemon.config import ModelSettings
 from hermesd.daemon.journal import JobRecord

@@ -13,20 +13,8 @@ from typing import Any
 from hermesd.daemon.config import Settings
 from hermesd.errors import Refused
 from hermesd.watchdog.gate import Gate
-from hermesd.watchdog.policy import (
-    Actions,
-    Memory,
-    Thermal,
-    decide,
-    memory_level,
-    thermal_level,
-)
-from hermesd.watchdog.sensors import (
-    MemoryReading,
-    Temperature,
-    read_memory,
-    read_temperature,
-)
+from hermesd.watchdog.policy import Actions, Memory, Thermal, decide, memory_level, thermal_level
+from hermesd.watchdog.sensors import MemoryReading, Temperature, read_memory, read_temperature
 
 log = logging.getLogger("hermesd.watchdog")
 READ_EVERY_S = 1.0

@@ -11,13 +11,7 @@ import logging
 from typing import Any
 
 from hermes_client.metrics import prometheus_text
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 log = logging.getLogger("hermesd.gateway")
 DOWN = "# HELP hermesd_up 1 when the daemon answered the status request\n# TYPE hermesd_up gauge\nhermesd_up 0\n"

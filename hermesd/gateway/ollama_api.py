@@ -16,16 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from hermesd.gateway import translate
-from hermesd.gateway.common import (
-    bridge_of,
-    iso,
-    ndjson,
-    now_iso,
-    read_json,
-    run_job,
-    stream_job,
-    wants_stream,
-)
+from hermesd.gateway.common import bridge_of, iso, ndjson, now_iso, read_json, run_job, stream_job, wants_stream
 from hermesd.gateway.errors import GatewayError
 from hermesd.version import __version__
 

@@ -17,14 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from hermesd.gateway import translate
-from hermesd.gateway.common import (
-    bridge_of,
-    read_json,
-    run_job,
-    sse,
-    stream_job,
-    wants_stream,
-)
+from hermesd.gateway.common import bridge_of, read_json, run_job, sse, stream_job, wants_stream
 from hermesd.gateway.errors import GatewayError
 
 SSE = "text/event-stream"

@@ -16,11 +16,7 @@ import sdnotify
 from aiohttp import web
 
 from hermesd.gateway.app import create_app
-from hermesd.gateway.config import (
-    GatewayConfigError,
-    GatewaySettings,
-    load_gateway_settings,
-)
+from hermesd.gateway.config import GatewayConfigError, GatewaySettings, load_gateway_settings
 
 log = logging.getLogger("hermesd.gateway")
 EX_OK, EX_OSERR, EX_CONFIG = 0, 71, 78

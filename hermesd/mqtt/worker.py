@@ -19,14 +19,7 @@ from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, T
 from hermes_client.protocol import ErrorCode
 
 from hermesd.mqtt import connection
-from hermesd.mqtt.messages import (
-    BadMessage,
-    JobRequest,
-    Reply,
-    answer,
-    parse_job,
-    payload_format,
-)
+from hermesd.mqtt.messages import BadMessage, JobRequest, Reply, answer, parse_job, payload_format
 
 log = logging.getLogger("hermesd.mqtt")
 RESULT_POLL_S = 2.0   # how long one wait on the daemon lasts before the stop flag is looked at again

@@ -91,9 +91,7 @@ def compute_bytes(manifest: Manifest) -> dict[str, int]:
     """Stage name -> memory its compute holds beside its weights while bound (quantized kernels' tables)."""
     if not any(stage.quant for stage in manifest.stages):
         return {stage.name: 0 for stage in manifest.stages}
-    from hermesd.store.quantized import (
-        stage_compute_bytes,  # torch: only for quantized stores
-    )
+    from hermesd.store.quantized import stage_compute_bytes  # torch: only for quantized stores
 
     return stage_compute_bytes(manifest)
 

@@ -11,23 +11,11 @@
 
 from hermesd.quant.cpu import KernelPolicy, default_policy
 from hermesd.quant.dequant import dequantize
-from hermesd.quant.ggml_blocks import (
-    BLOCK_FORMATS,
-    BlockFormat,
-    decode_blocks,
-    decode_float,
-    row_bytes,
-)
+from hermesd.quant.ggml_blocks import BLOCK_FORMATS, BlockFormat, decode_blocks, decode_float, row_bytes
 from hermesd.quant.int4pack import ROWMAJOR, native_tag, repack
 from hermesd.quant.linear import QuantLinear, quantize_linear
 from hermesd.quant.quantizer import quantize
-from hermesd.quant.qweight import (
-    QuantizedWeight,
-    QuantMeta,
-    from_gguf,
-    meta_key,
-    metas_from_header,
-)
+from hermesd.quant.qweight import QuantizedWeight, QuantMeta, from_gguf, meta_key, metas_from_header
 
 __all__ = [
     "BLOCK_FORMATS", "ROWMAJOR", "BlockFormat", "KernelPolicy", "QuantLinear", "QuantMeta", "QuantizedWeight",

@@ -19,12 +19,7 @@ from torch import nn
 from hermesd.errors import ConvertError
 from hermesd.quant.dequant import dequantize
 from hermesd.quant.int4pack import ROWMAJOR
-from hermesd.quant.qweight import (
-    SUFFIXES,
-    QuantizedWeight,
-    QuantMeta,
-    register_stored_buffers,
-)
+from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, register_stored_buffers
 
 
 class QuantEmbedding(nn.Module):

@@ -18,10 +18,7 @@ import numpy as np
 import transformers
 from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING
 from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config
-from transformers.modeling_gguf_pytorch_utils import (
-    GGUF_SUPPORTED_ARCHITECTURES,
-    GGUF_TO_TRANSFORMERS_MAPPING,
-)
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, GGUF_TO_TRANSFORMERS_MAPPING
 
 from hermesd.errors import ConvertError, UnsupportedModelError
 from hermesd.quant.gguf_header import GGUFHeader, StringArray

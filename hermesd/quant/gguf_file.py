@@ -30,12 +30,7 @@ from torch import nn
 
 from hermesd.errors import ConvertError, UnsupportedModelError
 from hermesd.quant.gguf_config import build_config, config_dict
-from hermesd.quant.gguf_header import (
-    SUPPORTED_TYPES,
-    GGUFHeader,
-    read_header,
-    row_bytes,
-)
+from hermesd.quant.gguf_header import SUPPORTED_TYPES, GGUFHeader, read_header, row_bytes
 from hermesd.quant.gguf_plan import Plan, TensorPlan, plan_tensors
 
 __all__ = ["SUPPORTED_TYPES", "GGUFModelFile", "GGUFTensor", "TensorPlan", "open_gguf"]

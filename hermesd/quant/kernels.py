@@ -25,14 +25,7 @@ import torch.nn.functional as F
 
 from hermesd.quant.cpu import KernelPolicy
 from hermesd.quant.dequant import dequantize_into, group_factors
-from hermesd.quant.int4pack import (
-    ROWMAJOR,
-    int4_kernel_available,
-    native_tag,
-    pack_nibbles,
-    repack,
-    to_kernel_layout,
-)
+from hermesd.quant.int4pack import ROWMAJOR, int4_kernel_available, native_tag, pack_nibbles, repack, to_kernel_layout
 from hermesd.quant.qweight import TABLE_VERSION, QuantizedWeight, QuantMeta
 
 INT4_GROUPS = (32, 64, 128, 256)

@@ -10,15 +10,7 @@ from torch import nn
 
 from hermesd.errors import ConvertError
 from hermesd.quant.cpu import KernelPolicy, default_policy
-from hermesd.quant.kernels import (
-    DENSE,
-    INT4X2,
-    Prepared,
-    kernel_path,
-    prepare,
-    run_dense,
-    run_kernel,
-)
+from hermesd.quant.kernels import DENSE, INT4X2, Prepared, kernel_path, prepare, run_dense, run_kernel
 from hermesd.quant.qweight import QuantizedWeight, QuantMeta, register_stored_buffers
 
 

@@ -36,20 +36,8 @@ import numpy as np
 import torch
 
 from hermesd.errors import ConvertError
-from hermesd.quant.ggml_blocks import (
-    BLOCK_FORMATS,
-    DecodedBlocks,
-    decode_blocks,
-    row_bytes,
-    type_name,
-)
-from hermesd.quant.int4pack import (
-    ROWMAJOR,
-    layout_from_tag,
-    native_tag,
-    pack_nibbles,
-    repack,
-)
+from hermesd.quant.ggml_blocks import BLOCK_FORMATS, DecodedBlocks, decode_blocks, row_bytes, type_name
+from hermesd.quant.int4pack import ROWMAJOR, layout_from_tag, native_tag, pack_nibbles, repack
 
 META_PREFIX = "hermesd.quant."
 SUFFIXES = ("qweight", "scales", "zeros", "super_scales")

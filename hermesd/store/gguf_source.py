@@ -23,14 +23,7 @@ from hermesd.quant.ggml_blocks import BLOCK_FORMATS
 from hermesd.quant.gguf_file import open_gguf
 from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.qweight import QuantizedWeight, QuantMeta, from_gguf, gguf_meta
-from hermesd.store.quantized import (
-    EMBEDDING,
-    is_quant_part,
-    replaceable,
-    stored_meta,
-    to_stored,
-    weight_groups,
-)
+from hermesd.store.quantized import EMBEDDING, is_quant_part, replaceable, stored_meta, to_stored, weight_groups
 from hermesd.store.stages import StageSpec
 
 _FLOATS = {"F32": np.float32, "F16": np.float16}

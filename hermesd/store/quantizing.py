@@ -23,20 +23,9 @@ from torch import nn
 
 from hermesd.errors import ConvertError
 from hermesd.quant.int4pack import ROWMAJOR
-from hermesd.quant.quantizer import (
-    DEFAULT_GROUP,
-    INT4_GROUPS,
-    quantize,
-    relative_rms_error,
-)
+from hermesd.quant.quantizer import DEFAULT_GROUP, INT4_GROUPS, quantize, relative_rms_error
 from hermesd.quant.qweight import SUFFIXES, QuantMeta, resolve_packing
-from hermesd.store.quantized import (
-    LINEAR,
-    replaceable,
-    stored_meta,
-    to_stored,
-    weight_groups,
-)
+from hermesd.store.quantized import LINEAR, replaceable, stored_meta, to_stored, weight_groups
 from hermesd.store.sources import Source
 from hermesd.store.stages import StageSpec, build_skeleton, find_stages
 

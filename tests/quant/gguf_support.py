@@ -131,11 +131,7 @@ TOKENS = {"tokenizer__ggml__tokens": [f"t{i}" for i in range(256)]}
 
 
 def _legacy_names(model, arch: str) -> dict[str, str]:
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     return get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={}))
 

@@ -9,13 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gguf_support import (
-    TOKENS,
-    assert_matches_transformers,
-    descriptions,
-    kv_for,
-    synthetic,
-)
+from gguf_support import TOKENS, assert_matches_transformers, descriptions, kv_for, synthetic
 
 from hermesd.errors import UnsupportedModelError
 from hermesd.quant.gguf_file import open_gguf

@@ -16,14 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_support import (
-    SMOLLM2,
-    TINY,
-    assert_matches_transformers,
-    need,
-    rewrite,
-    write_gguf,
-)
+from gguf_support import SMOLLM2, TINY, assert_matches_transformers, need, rewrite, write_gguf
 
 from hermesd.errors import ConvertError, UnsupportedModelError
 from hermesd.quant.gguf_file import open_gguf
@@ -89,10 +82,7 @@ def test_lookup_and_tied_names() -> None:
 
 def test_name_map_equals_transformers() -> None:
     """Our one-pass name map gives what transformers' get_gguf_hf_weights_map gives."""
-    from transformers.modeling_gguf_pytorch_utils import (
-        LlamaTensorProcessor,
-        get_gguf_hf_weights_map,
-    )
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
 
     with open_gguf(need(TINY["Q4_K_M"])) as model_file:
         with torch.device("meta"):

@@ -30,14 +30,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from container import (  # noqa: F401  (nspawn_venv is a fixture)
-    HERE,
-    SHIPPED_UNIT,
-    _locked,
-    default_cache_dir,
-    nspawn_venv,
-    run_container,
-)
+from container import HERE, SHIPPED_UNIT, _locked, default_cache_dir, nspawn_venv, run_container  # noqa: F401  (nspawn_venv is a fixture)
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 

@@ -15,14 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from container import (  # noqa: F401  (nspawn_venv is a fixture)
-    CONTAINER_PAYLOAD,
-    CONTAINER_VENV,
-    HERE,
-    SHIPPED_UNIT,
-    nspawn_venv,
-    run_container,
-)
+from container import CONTAINER_PAYLOAD, CONTAINER_VENV, HERE, SHIPPED_UNIT, nspawn_venv, run_container  # noqa: F401  (nspawn_venv is a fixture)
 
 pytestmark = pytest.mark.systemd
 
