@@ -162,8 +162,6 @@ def phase_start() -> None:
     security = d.sh("systemd-analyze", "security", "--no-pager", UNIT)
     d.record("exposure", d.exposure(UNIT))
     d.record("security_table", security.stdout[-6000:])
-    d.record("config_check", d.result(d.sh("/opt/hermesd/bin/hermesd", "serve", "--check", "--config", str(CONFIG))))
-
     t0 = d.monotonic_usec()
     with pid1_debug():
         d.sh("systemctl", "start", "--no-block", UNIT, check=True)
@@ -173,6 +171,9 @@ def phase_start() -> None:
                                or "READY=1" in ln["message"]])
     d.record("start_notifications", [m[:300] for m in notifications(t0) if "WATCHDOG=1" not in m])
     d.record("systemctl_status", d.sh("systemctl", "status", "--no-pager", "--lines=0", UNIT).stdout)
+    # after the start: --check reads the stores, and with DynamicUser the /var/lib/hermesd link to the
+    # private state directory exists only once the service has run
+    d.record("config_check", d.result(d.sh("/opt/hermesd/bin/hermesd", "serve", "--check", "--config", str(CONFIG))))
     if after["ActiveState"] != "active":
         raise SystemExit(1)
 
