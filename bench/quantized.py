@@ -36,10 +36,12 @@ import hermesd
 from bench.harness import proc_read_bytes, vm_hwm_bytes
 from bench.scenarios import Scenario, Source
 from bench.workloads import make_inputs, run_workload
+from hermesd.plan.workload import Workload
 store, budget, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fit = Workload(prompt_tokens=prompt, new_tokens=new) if sys.argv[5:] == ["fit"] else None
 read0 = proc_read_bytes()
 started = time.perf_counter()
-engine = hermesd.load(store, memory_budget=None if budget == "auto" else budget)
+engine = hermesd.load(store, memory_budget=None if budget == "auto" else budget, workload=fit)
 load_s = time.perf_counter() - started
 scenario = Scenario("q", "", "", Source("random", ""), "LlamaForCausalLM", "generate", tokens=prompt, new_tokens=new)
 inputs = make_inputs(scenario, engine.model.config.vocab_size, torch.float32)
@@ -135,10 +137,14 @@ def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
 
 
 def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800, prompt: int = PROMPT,
-            new: int = NEW) -> dict[str, Any]:
-    """One cold run of ``store`` in a fresh child, under a cgroup cap of ``cap`` bytes (None: uncapped)."""
+            new: int = NEW, fit_workload: bool = False) -> dict[str, Any]:
+    """One cold run of ``store`` in a fresh child, under a cgroup cap of ``cap`` bytes (None: uncapped).
+
+    The child plans for the default workload (a 512-token prompt), or with ``fit_workload`` for
+    exactly ``prompt`` + ``new`` tokens (a 7 B shape's activations for 512 tokens exceed a 900 MiB cap).
+    """
     evict(weight_files(store))
-    command = [sys.executable, "-c", CHILD, str(store), budget, str(prompt), str(new)]
+    command = [sys.executable, "-c", CHILD, str(store), budget, str(prompt), str(new), *(["fit"] if fit_workload else [])]
     if cap is None:
         return run_json_child(command, timeout, cwd=ROOT)
     with MemoryGroup(cap) as group:
