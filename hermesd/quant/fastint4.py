@@ -25,7 +25,7 @@ from hermesd.quant.cpu import cpu_flags
 LAYOUT = "halves32"  # the only code layout the kernel reads (torch's on AVX2 machines)
 # Rows up to which ours beats torch's kernel (bench.quant_kernels --sections int4: 1.8x at one row,
 # 1.7x at two, even at four, behind from eight: it decodes the codes once per pair of rows).
-MAX_ROWS = 4
+MAX_ROWS = 32
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 

@@ -40,7 +40,7 @@ def test_the_extension_was_built_where_it_can_be():
 
 @needs_kernel
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 17])
 def test_matches_the_exact_fp32_product(rows, group):
     stored = stored_int4(96, 512, group)
     prep = prepare_int4(stored, torch.bfloat16)

@@ -30,6 +30,8 @@ PyMODINIT_FUNC PyInit__q4gemm(void) { return PyModule_Create(&q4gemm_module); }
 #include <immintrin.h>
 
 #define BLOCK_N 32
+#define MAX_GROUP 256  /* the largest group size stores use (tile: 32 KiB of stack per thread) */
+#define TILE_MIN_ROWS 3  /* from three rows on, de-quantizing a tile once beats decoding per row pair */
 
 /* Scale and (zero - 8 * scale) of 8 rows from the table's interleaved bf16 (scale, zero) pairs. */
 static inline void load_factors(const uint16_t *pairs, __m256 *scale, __m256 *zero) {
@@ -112,15 +114,58 @@ static void block_row2(const float *x0, const float *x1, const float *s0, const 
     }
 }
 
+/* De-quantize one group of one block into tile[k][32] (fp32): w = q * s + (z - 8 s). */
+static inline void dequantize_tile(const uint8_t *bytes, const uint16_t *pairs, int group, float *tile) {
+    __m256 scale[4], zero[4], q[4];
+    for (int c = 0; c < 4; c++) load_factors(pairs + 16 * c, &scale[c], &zero[c]);
+    for (int k = 0; k < group; k++) {
+        decode_k(bytes + k * 16, q);
+        for (int c = 0; c < 4; c++) _mm256_store_ps(tile + k * BLOCK_N + 8 * c, _mm256_fmadd_ps(q[c], scale[c], zero[c]));
+    }
+}
+
+/* R rows of x (R constant after inlining) times one de-quantized tile, added into y. */
+static inline __attribute__((always_inline)) void tile_rows(int R, const float *x, int ldx, const float *tile,
+                                                            int group, float *y, int ldy, int first) {
+    __m256 acc[3][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + r * ldy + 8 * c);
+    for (int k = 0; k < group; k++) {
+        __m256 t[4];
+        for (int c = 0; c < 4; c++) t[c] = _mm256_load_ps(tile + k * BLOCK_N + 8 * c);
+        for (int r = 0; r < R; r++) {
+            __m256 xr = _mm256_broadcast_ss(x + (int64_t)r * ldx + k);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm256_fmadd_ps(xr, t[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + r * ldy + 8 * c, acc[r][c]);
+}
+
+/* Many rows against one block: each group is de-quantized once into an L1-sized tile that every row
+ * reuses, three rows at a time (12 accumulators hide the FMA latency). */
+static void block_rows(const float *x, int M, int ldx, const uint8_t *codes, const uint16_t *table,
+                       float *y, int ldy, int N, int K, int group) {
+    float tile[MAX_GROUP * BLOCK_N] __attribute__((aligned(32)));
+    for (int g = 0; g < K / group; g++) {
+        dequantize_tile(codes + (int64_t)g * group * 16, table + (int64_t)g * N * 2, group, tile);
+        const float *xg = x + (int64_t)g * group;
+        int m = 0;
+        for (; m + 3 <= M; m += 3) tile_rows(3, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
+        if (M - m == 2) tile_rows(2, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
+        if (M - m == 1) tile_rows(1, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
+    }
+}
+
 /*
  * y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ w.T for codes in the halves32 layout.
  * xsum is scratch of M * K / group floats. Returns 0, or -1 for shapes this kernel does not take
  * (N not a multiple of 32: torch packs a short last block differently; K not a multiple of group;
- * odd group), in which case nothing was written.
+ * an odd group or one above MAX_GROUP), in which case nothing was written.
  */
 int hq4_gemm_halves32(const float *x, int M, int ldx, const uint8_t *codes, const uint16_t *table,
                       float *y, int ldy, int N, int K, int group, float *xsum, int threads) {
-    if (N % BLOCK_N || group <= 0 || group % 2 || K % group || M <= 0) return -1;
+    if (N % BLOCK_N || group <= 0 || group % 2 || group > MAX_GROUP || K % group || M <= 0) return -1;
     int groups = K / group;
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < groups; g++) {
@@ -134,6 +179,10 @@ int hq4_gemm_halves32(const float *x, int M, int ldx, const uint8_t *codes, cons
     for (int nb = 0; nb < blocks; nb++) {
         const uint8_t *bc = codes + (int64_t)nb * K * (BLOCK_N / 2);
         const uint16_t *bt = table + (int64_t)nb * BLOCK_N * 2;
+        if (M >= TILE_MIN_ROWS) {
+            block_rows(x, M, ldx, bc, bt, y + nb * BLOCK_N, ldy, N, K, group);
+            continue;
+        }
         int m = 0;
         for (; m + 1 < M; m += 2) {
             block_row2(x + (int64_t)m * ldx, x + (int64_t)(m + 1) * ldx, xsum + m * groups,
