@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from daemon_support import CHILD_PATH, write_config
 
 WORKLOAD = "64:8"
