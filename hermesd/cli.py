@@ -83,6 +83,7 @@ def _add_profile(commands) -> None:
     profile.add_argument("store", type=Path)
     profile.add_argument("--tokens", type=_at_least(16), default=128, help="reference prompt length (default 128)")
     profile.add_argument("--force", action="store_true", help="measure again even if the saved profile is fresh")
+    profile.add_argument("--quiet", action="store_true", help="no progress bar or lines (transformers' bars too)")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(handler=_cmd_profile)
 
@@ -213,17 +214,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
 _SOURCES = {"profile": "from the profile", "estimate": "estimated: no fresh profile, `hermesd profile` measures"}
 
 
-def _profile_of(store: Path, force: bool = False, tokens: int = 128):
-    from hermesd.planning import obtain_profile
-
-    return obtain_profile(store, "force" if force else "if-missing", reference_tokens=tokens,
-                          progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
-
-
 def _cmd_profile(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    profile = _profile_of(args.store, args.force, args.tokens)
+    from hermesd import progressbar
+
+    bars = progressbar.configure(args.quiet)
+    from hermesd.planning import obtain_profile
+    from hermesd.profiling import profile_passes
+    from hermesd.store.manifest import Manifest
+
+    mode = "force" if args.force else "if-missing"
+    if bars:
+        manifest = Manifest.load(args.store)
+        sizes = {s.name: s.bytes for s in manifest.stages}
+        with progressbar.StageBar(f"profiling {args.store.name}", profile_passes(manifest) * len(sizes)) as bar:
+            profile = obtain_profile(args.store, mode, args.tokens, progress=bar.describe,
+                                     on_stage=lambda name: bar.advance(name, sizes.get(name, 0)))
+    else:
+        say = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+        profile = obtain_profile(args.store, mode, args.tokens, progress=say)
     if args.json:
         print(json.dumps(asdict(profile)))
         return 0

@@ -126,11 +126,12 @@ def budget_bytes_for(budget: int | str | None, explicit: bool) -> int | None:
 
 
 def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_tokens: int = 128,
-                   progress: ProgressFn | None = None) -> Profile | None:
+                   progress: ProgressFn | None = None, on_stage: Callable[[str], None] | None = None) -> Profile | None:
     """The store's profile: the saved one while fresh; measured (and saved) when ``mode`` asks for it.
 
     never: None. if-fresh: the fresh saved profile or None. if-missing: measure when none is fresh.
     force: always measure. A profile that cannot be saved is still returned (the reason goes to progress).
+    on_stage: see ``profile_store`` (progress bars).
     """
     if mode == "never":
         return None
@@ -139,7 +140,7 @@ def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_to
         return profile
     say = progress or (lambda message: None)
     say(f"profiling {store_dir} (a few passes over the model)")
-    profile = profile_store(store_dir, reference_tokens=reference_tokens, progress=say)
+    profile = profile_store(store_dir, reference_tokens=reference_tokens, progress=say, on_stage=on_stage)
     try:
         profile.save(profile_path(store_dir))
     except OSError as exc:
