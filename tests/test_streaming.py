@@ -22,7 +22,6 @@ from transformers import AutoTokenizer
 from hermesd.textstream import TextStream
 
 pytestmark = pytest.mark.slow
-QUESTION = "What is the capital of France?"
 STORY = "Write a short story about a lighthouse keeper."
 MIXED = "Café naïve — 你好世界 🎉🇫🇷👩‍👩‍👧 déjà vu. Ünïcödé ✓ «ok» ñ 😀 the end"
 
@@ -58,6 +57,9 @@ def test_nothing_past_a_stop_string_is_ever_released(smollm2):
         assert released == full.split(stop)[0]
 
 
+NEW = 24  # tokens per generation: enough for several progress messages, short enough for the suite
+
+
 @pytest.fixture(scope="module")
 def daemon(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("stream-daemon")
@@ -67,36 +69,40 @@ def daemon(smollm2, tmp_path_factory):
     assert running.stop() == 0
 
 
-def test_streamed_pieces_equal_the_final_text(daemon):
+@pytest.fixture(scope="module")
+def reference(daemon) -> str:
+    """STORY's greedy answer, unstreamed: every streamed way of asking must add up to exactly this."""
     with Client(daemon.endpoint) as client:
-        job = client.submit("generate", "smollm2", STORY, {"max_new_tokens": 40}, progress=True)
-        offsets, pieces = [], []
+        result = client.generate("smollm2", STORY, timeout=120, max_new_tokens=NEW)
+    assert result["new_tokens"] == NEW and len(result["text"].split()) > 8
+    return result["text"]
+
+
+def test_streamed_pieces_equal_the_final_text(daemon, reference):
+    with Client(daemon.endpoint) as client:
+        job = client.submit("generate", "smollm2", STORY, {"max_new_tokens": NEW}, progress=True)
+        pieces = []
         for event in job.progress(120):
             assert event["text_offset"] == sum(map(len, pieces)), "contiguous: no gap, no overlap"
-            offsets.append(event["text_offset"])
             pieces.append(event["text"])
-        result = job.result(0)
-        assert "".join(pieces) == result["text"] and result["new_tokens"] == 40
+        assert "".join(pieces) == job.result(0)["text"] == reference
         assert sum(1 for p in pieces if p) > 5
-        streamed = list(client.generate_stream("smollm2", STORY, timeout=120, max_new_tokens=40))
-        assert "".join(streamed) == result["text"] and len(streamed) > 5
 
 
-def test_no_piece_reaches_past_a_stop_string(daemon):
+def test_no_piece_reaches_past_a_stop_string(daemon, reference):
+    words = reference.split()
+    stop = max(words[len(words) // 2:], key=len)  # a word from the second half of the answer
+    assert reference.index(stop) > 10
     with Client(daemon.endpoint) as client:
-        full = client.generate("smollm2", QUESTION, timeout=120, max_new_tokens=16)["text"]
-        assert "Paris" in full
-        job = client.submit("generate", "smollm2", QUESTION, {"max_new_tokens": 16, "stop": ["Paris"]}, progress=True)
-        pieces = list(job.text(120))
-        result = job.result(0)
-    assert "".join(pieces) == result["text"] == full.split("Paris")[0] and result["finish_reason"] == "stop"
-    assert not any("Paris" in p or "Par" in p for p in pieces), pieces
+        pieces = list(client.generate_stream("smollm2", STORY, timeout=120, max_new_tokens=NEW, stop=[stop]))
+    assert "".join(pieces) == reference[:reference.index(stop)]
+    assert not any(stop in p for p in pieces), pieces
 
 
-def test_hermes_generate_prints_text_as_it_arrives_on_a_terminal(daemon):
+def test_hermes_generate_prints_text_as_it_arrives_on_a_terminal(daemon, reference):
     master, slave = pty.openpty()
     command = [sys.executable, "-m", "hermes_client.cli", "--endpoint", daemon.endpoint, "generate",
-               "--model", "smollm2", "--max-new-tokens", "40", STORY]
+               "--model", "smollm2", "--max-new-tokens", str(NEW), STORY]
     proc = subprocess.Popen(command, stdout=slave, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": CHILD_PATH})
     os.close(slave)
     output, first_text_at = b"", None
@@ -112,28 +118,29 @@ def test_hermes_generate_prints_text_as_it_arrives_on_a_terminal(daemon):
         output += data
         first_text_at = first_text_at or time.monotonic()
     assert proc.wait(30) == 0, proc.stderr.read()
-    exited_at = time.monotonic()
-    assert exited_at - first_text_at > 0.5, "text came while the job was still generating"
-    piped = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": CHILD_PATH})
-    text = json.loads(piped.stdout)["result"]["text"]  # --json: one JSON document and nothing else
-    assert output.decode().replace("\r\n", "\n").strip() == text.strip()
+    assert time.monotonic() - first_text_at > 0.5, "text came while the job was still generating"
+    assert output.decode().replace("\r\n", "\n") == reference + "\n"
 
 
-def test_gateway_streams_ollama_and_openai_in_many_chunks(daemon, tmp_path):
+def test_hermes_generate_json_prints_only_the_final_document(daemon, reference):
+    done = subprocess.run([sys.executable, "-m", "hermes_client.cli", "--endpoint", daemon.endpoint, "generate",
+                           "--model", "smollm2", "--max-new-tokens", str(NEW), "--stream", "--json", STORY],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": CHILD_PATH})
+    assert json.loads(done.stdout)["result"]["text"] == reference  # one JSON document and nothing else
+
+
+def test_gateway_streams_ollama_and_openai_in_many_chunks(daemon, reference, tmp_path):
     gateway = start_gateway(tmp_path / "gateway", daemon.endpoint)
     try:
-        whole = ollama.Client(host=gateway.url).generate(model="smollm2", prompt=STORY, options={"num_predict": 40})
         parts = list(ollama.Client(host=gateway.url).generate(model="smollm2", prompt=STORY, stream=True,
-                                                              options={"num_predict": 40}))
+                                                              options={"num_predict": NEW}))
         assert sum(1 for p in parts if p.response) > 5 and parts[-1].done
-        assert "".join(p.response for p in parts) == whole.response
+        assert "".join(p.response for p in parts) == reference
         client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused-on-loopback", max_retries=0)
-        messages = [{"role": "user", "content": STORY}]
-        chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=40, stream=True))
+        chunks = list(client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": STORY}],
+                                                     max_tokens=NEW, stream=True))
         contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert len(contents) > 5 and chunks[-1].choices[0].finish_reason == "length"
-        single = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=40)
-        assert "".join(contents) == single.choices[0].message.content
+        assert "".join(contents) == reference
     finally:
         assert gateway.stop() == 0, gateway.log()
