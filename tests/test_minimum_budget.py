@@ -59,5 +59,3 @@ def test_info_plan_run_and_serve_agree_on_the_minimum(profiled_store, tmp_path):
     assert refused_minimum(hermesd("serve", "--check", "--config", str(config))) == minimum
     at = hermesd(*run, "--memory-budget", str(minimum), prompt)
     assert at.returncode == 0 and expected in at.stdout, at.stderr
-    # The human line says the same figure.
-    assert f"{minimum / 2**20:.1f} MiB" in hermesd("info", str(store), "--workload", WORKLOAD).stdout

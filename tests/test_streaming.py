@@ -122,11 +122,11 @@ def test_hermes_generate_prints_text_as_it_arrives_on_a_terminal(daemon, referen
     assert output.decode().replace("\r\n", "\n") == reference + "\n"
 
 
-def test_hermes_generate_json_prints_only_the_final_document(daemon, reference):
+def test_hermes_generate_json_prints_only_the_final_document(daemon):
     done = subprocess.run([sys.executable, "-m", "hermes_client.cli", "--endpoint", daemon.endpoint, "generate",
-                           "--model", "smollm2", "--max-new-tokens", str(NEW), "--stream", "--json", STORY],
+                           "--model", "smollm2", "--max-new-tokens", "3", "--stream", "--json", STORY],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": CHILD_PATH})
-    assert json.loads(done.stdout)["result"]["text"] == reference  # one JSON document and nothing else
+    assert json.loads(done.stdout)["result"]["new_tokens"] == 3  # one JSON document and nothing else
 
 
 def test_gateway_streams_ollama_and_openai_in_many_chunks(daemon, reference, tmp_path):
