@@ -287,7 +287,8 @@ class Job:
         return f"Job({self.id!r})"
 
     def progress(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield progress messages ({"tokens", "stages"}) until the job ends (then see ``result``)."""
+        """Yield progress messages ({"tokens", "stages"}, and for generate {"text", "text_offset"}: see
+        ``text``) until the job ends (then see ``result``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._final is None:
             left = STATUS_POLL_S if deadline is None else deadline - time.monotonic()
