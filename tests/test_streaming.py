@@ -17,6 +17,7 @@ import pytest
 from daemon_support import CHILD_PATH, start_daemon, write_config
 from gateway_support import start_gateway
 from hermes_client import Client
+from hermes_client.textchunks import TextChunks
 from transformers import AutoTokenizer
 
 from hermesd.textstream import TextStream
@@ -55,6 +56,17 @@ def test_nothing_past_a_stop_string_is_ever_released(smollm2):
         released += stream.flush()
         full = tokenizer.decode(ids, skip_special_tokens=True)
         assert released == full.split(stop)[0]
+
+
+def test_a_lost_progress_message_never_garbles_the_text():
+    """A gap in text_offset (a dropped message) stops the pieces until the end, which fills in the rest;
+    a repeated message adds nothing."""
+    chunks = TextChunks()
+    taken = [chunks.take({"text": "Hel", "text_offset": 0}), chunks.take({"text": "Hel", "text_offset": 0}),
+             chunks.take({"text": "lo", "text_offset": 3}), chunks.take({"text": "rld", "text_offset": 7}),
+             chunks.take({"text": "!", "text_offset": 10}), chunks.rest("Hello world!")]
+    assert taken == ["Hel", "", "lo", "", "", " world!"] and chunks.broken
+    assert "".join(taken) == "Hello world!"
 
 
 NEW = 24  # tokens per generation: enough for several progress messages, short enough for the suite
