@@ -60,6 +60,8 @@ class Event:
     error: tuple[str, str] | None = None
     tokens: int = 0
     stages: int = 0
+    text: str | None = None  # generate: new text since the previous progress message ...
+    text_offset: int = 0  # ... and the characters of text sent before it
 
 
 class Executor(threading.Thread):
@@ -172,7 +174,8 @@ class Executor(threading.Thread):
             engine.set_checkpoint(progress.stage)
             try:
                 result = run_task(engine, record.task, record.inputs, params, on_token=progress.token,
-                                  check=progress.step, images=self.images)
+                                  check=progress.step, images=self.images, on_text=progress.text)
+                progress.send_text()  # the last text goes out before the result
             finally:
                 engine.set_checkpoint(None)
                 host.last_used = time.monotonic()
@@ -229,6 +232,8 @@ class _Progress:
         self.stages = 0
         self.prefetch_paused_stages = 0
         self._last_sent = 0.0
+        self._text = ""  # streamed text not yet sent, and how much was sent before it
+        self._text_sent = 0
 
     def stage(self, name: str) -> None:
         executor = self.executor
@@ -251,13 +256,26 @@ class _Progress:
         self.tokens += 1
         self._maybe_send(force=self.tokens == 1)
 
+    def text(self, piece: str) -> None:
+        """New final text of a generate job; it goes out with the next progress message."""
+        self._text += piece
+
+    def send_text(self) -> None:
+        """Send text still waiting (at the job's end, so clients have it all before the result)."""
+        if self._text:
+            self._maybe_send(force=True)
+
     def _maybe_send(self, force: bool = False) -> None:
         if not self.job.record.progress:
             return
         now = time.monotonic()
         if force or now - self._last_sent >= self.executor.progress_interval_s:
             self._last_sent = now
-            self.executor._emit(Event(EventKind.PROGRESS, self.job, tokens=self.tokens, stages=self.stages))
+            text = self._text if self.job.record.task == "generate" else None
+            self.executor._emit(Event(EventKind.PROGRESS, self.job, tokens=self.tokens, stages=self.stages,
+                                      text=text, text_offset=self._text_sent))
+            self._text_sent += len(self._text)
+            self._text = ""
 
 
 def _failed(job: QueuedJob, code: ErrorCode, message: str) -> Event:
