@@ -211,6 +211,12 @@ def memory_gbps(size: int = 1 << 30) -> float:
     return 3 * 2 * size / (time.perf_counter() - started) / 1e9
 
 
+def _progress(name: str, run: dict[str, Any]) -> None:
+    """One line per finished run on stderr, so a run cut short still leaves its numbers."""
+    keys = ("ok", "prefill_s", "decode_tokens_per_s", "bytes_per_pass", "resident", "peak_rss_bytes", "error")
+    print(f"  {name}: " + json.dumps({k: run.get(k) for k in keys if k in run}), file=sys.stderr, flush=True)
+
+
 def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, ...] = STORES) -> dict[str, Any]:
     made = prepare(work, tuple(dict.fromkeys(n.removesuffix(TORCH_KERNEL) for n in names)))
     stores = {name: made[name.removesuffix(TORCH_KERNEL)] for name in names}
@@ -220,10 +226,12 @@ def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, 
         for name, store in stores.items():
             print(f"round {round_number + 1}/{rounds}: {name} under {format_size(cap)}", file=sys.stderr, flush=True)
             capped[name].append(run_one(store, budget, cap, env=contender_env(name)))
+            _progress(name, capped[name][-1])
     uncapped = {}
     for name, store in stores.items():
         print(f"uncapped, automatic budget: {name}", file=sys.stderr, flush=True)
         uncapped[name] = run_one(store, "auto", None, env=contender_env(name))
+        _progress(name, uncapped[name])
     summary = {name: summarise(runs, read_gbps) for name, runs in capped.items()}
     for name, store in stores.items():
         summary[name]["store_bytes"] = sum(p.stat().st_size for p in weight_files(store))
