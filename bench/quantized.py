@@ -5,8 +5,9 @@
 One run compares, alternating and each cold (page cache evicted) in a fresh process under a real
 cgroup cap: the TinyLlama-1.1B-shape store in bf16 (the suite's Llama scenario), the same weights
 converted with ``--quantize int8`` and ``--quantize int4``, and the same shape as GGUF Q8_0 and Q4_0
-files (random weights written with ``gguf.quants``) imported with their blocks kept. Each child plans with ``hermesd.load(store, memory_budget=BUDGET)`` and runs a 128-token prompt
-plus 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds,
+files (random weights written with ``gguf.quants``) imported with their blocks kept; a contender
+named ``STORE/torch`` is that store on torch's int4 kernel instead of hermesd's. Each child plans with
+``hermesd.load(store, memory_budget=BUDGET, workload=128+32)`` and runs a 128-token prompt plus 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds,
 decode tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills;
 and uncapped, with the automatic budget: decode tokens/s with nothing streamed after the first pass.
 """
@@ -225,7 +226,9 @@ def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, 
     for round_number in range(rounds):  # alternate contenders, so drift hits them alike
         for name, store in stores.items():
             print(f"round {round_number + 1}/{rounds}: {name} under {format_size(cap)}", file=sys.stderr, flush=True)
-            capped[name].append(run_one(store, budget, cap, env=contender_env(name)))
+            # plan for exactly this run's tokens: the default 512-token workload's activations alone
+            # (328 MiB for this shape) leave too little of a 680 MiB budget since the minimum counts them
+            capped[name].append(run_one(store, budget, cap, env=contender_env(name), fit_workload=True))
             _progress(name, capped[name][-1])
     uncapped = {}
     for name, store in stores.items():
