@@ -9,7 +9,8 @@ files (random weights written with ``gguf.quants``) imported with their blocks k
 named ``STORE/torch`` is that store on torch's int4 kernel instead of hermesd's. Each child plans with
 ``hermesd.load(store, memory_budget=BUDGET, workload=128+32)`` and runs a 128-token prompt plus
 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds, decode
-tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills; and uncapped, with the automatic budget: decode tokens/s with nothing streamed after the first pass.
+tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills; and uncapped,
+with the automatic budget: decode tokens/s with nothing streamed after the first pass.
 """
 
 from __future__ import annotations
