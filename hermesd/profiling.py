@@ -5,34 +5,43 @@ Passes (each reads the model once, page cache evicted before it):
 2.-3. causal LMs only: two decode steps on that cache; the second gives each stage's decode compute
    (the first pays one-time kernel setup for one-token shapes: measured 2x slower on Llama-1B);
 4. the reference prompt with no prefetch: each stage's cold O_DIRECT load and its compute, apart;
-5. the reference prompt with one stage prefetched: how much compute slows while a loader reads.
-Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds.
+5. the reference prompt with one stage prefetched: how much compute slows while a loader reads, and
+   the peak memory of a streamed run against the planner's model of it (the slack it misses);
+6. the same with the loader on SCHED_IDLE: compute's slowdown then, and how much longer reads take.
+Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds, and a
+buffer is faulted in for load()'s cost of fresh memory.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from hermesd import memory
+from hermesd.engine.bufferpool import prefault
 from hermesd.engine.engine import Engine
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats
 from hermesd.plan.budget import compute_bytes, fit_plan
+from hermesd.plan.planner import evaluate
 from hermesd.plan.profile import Profile, StageCost, fingerprint
+from hermesd.plan.workload import Workload
 from hermesd.store.manifest import Manifest
 
 BUFFERED_SAMPLE_BYTES = 512 << 20
+FAULT_SAMPLE_BYTES = 256 << 20
 ProgressFn = Callable[[str], None]
 
 
 def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128,
                   progress: ProgressFn | None = None) -> Profile:
-    """Measure a store on this machine in three (encoders) or five (causal LMs) passes over the model."""
+    """Measure a store on this machine in four (encoders) or six (causal LMs) passes over the model."""
     store_dir = Path(store_dir)
     say = progress or (lambda message: None)
     started = time.perf_counter()
@@ -42,7 +51,8 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         causal = engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
         baseline = memory.rss_bytes()
         no_cache = {"use_cache": False} if causal else {}  # the KV cache is planned for separately
-        passes = 5 if causal else 3
+        passes = 6 if causal else 4
+        skeleton_s = engine.open_stats.skeleton_s
         say(f"pass 1/{passes}: warm-up")
         warm_stats, cache = _pass(engine, store_dir, _inputs(engine, 8), **({"use_cache": True} if causal else {}))
         small_peak = warm_stats.peak_rss_bytes - baseline
@@ -55,15 +65,19 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
                 small_peak = max(small_peak, step.peak_rss_bytes - baseline)  # a decode step may peak higher
             decode = {s.name: s.compute_s for s in step.stages}
         del cache
-        say(f"pass {passes - 1}/{passes}: {reference_tokens}-token prompt, no prefetch")
+        say(f"pass {passes - 2}/{passes}: {reference_tokens}-token prompt, no prefetch")
         alone, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
         reference_peak = alone.peak_rss_bytes - baseline
         spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
         direct = engine.reader.direct
-    say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while a loader reads")
+    say(f"pass {passes - 1}/{passes}: {reference_tokens}-token prompt while a loader reads")
     with _open(store_dir, manifest, prefetch=1) as engine:
         overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
-    say("buffered read speed")
+        streamed_pool = engine.plan.pool_bytes
+    say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while an idle-priority loader reads")
+    with _open(store_dir, manifest, prefetch=1, priority="idle") as engine:
+        idle, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
+    say("buffered read speed, fault-in speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
     per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
     by_name = {s.name: s for s in alone.stages}
@@ -71,7 +85,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name], extra[entry.name])
               for entry in manifest.stages]
     read_bytes = sum(s.bytes_read for s in alone.stages)
-    return Profile(
+    profile = Profile(
         fingerprint=fingerprint(store_dir), reference_tokens=reference_tokens, runtime_bytes=runtime,
         activation_fixed_bytes=int(max(small_peak - 8 * per_token, 0)), activation_bytes_per_token=per_token,
         kv_bytes_per_token=_kv_bytes_per_token(manifest) if causal else 0,
@@ -79,13 +93,36 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         read_direct_gbps=read_bytes / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
         read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,
         profile_seconds=time.perf_counter() - started,
+        interference_idle=max(1.0, idle.compute_s / max(alone.compute_s, 1e-9)),
+        idle_read_slowdown=max(1.0, idle.load_s / max(overlapped.load_s, 1e-9)),
+        skeleton_s=skeleton_s, fault_gbps=_fault_gbps(),
         notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
+    return replace(profile, peak_slack_bytes=_peak_slack(profile, overlapped.peak_rss_bytes, streamed_pool))
 
 
-def _open(store_dir: Path, manifest: Manifest, prefetch: int) -> Engine:
+def _peak_slack(profile: Profile, measured: int, pool_bytes: int) -> int:
+    """What the planner's peak for the streamed reference pass (k=1, that pass's ring) misses of its
+    measured peak; 0 when the model covered it."""
+    pinned = [s.name for s in profile.stages if s.kind == "pinned"]
+    model = evaluate(profile, Workload(prompt_tokens=profile.reference_tokens), 1, pinned, None)
+    predicted = model.peak_bytes - model.plan.pool_bytes + pool_bytes
+    return max(0, measured - predicted)
+
+
+def _fault_gbps(size: int = FAULT_SAMPLE_BYTES) -> float:
+    """GB/s at which fresh memory is faulted in on all cores, as load() does it."""
+    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as executor:
+        started = time.perf_counter()
+        memory = prefault(size, executor).result()
+        seconds = time.perf_counter() - started
+    memory.close()
+    return size / max(seconds, 1e-9) / 1e9
+
+
+def _open(store_dir: Path, manifest: Manifest, prefetch: int, priority: str = "normal") -> Engine:
     """The store with nothing resident and ``prefetch`` stages read ahead (the measuring setups)."""
     plan = fit_plan(manifest, StageReader(store_dir, manifest).span, memory.rss_bytes(), prefetch=prefetch)
-    return Engine.open(store_dir, plan)
+    return Engine.open(store_dir, replace(plan, loader_priority=priority))
 
 
 def _pass(engine: Engine, store_dir: Path, inputs: dict, **options) -> tuple[RunStats, object]:

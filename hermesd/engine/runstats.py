@@ -28,6 +28,7 @@ class RunStats:
     passes: int = 0
     prefetch: int = 0
     loaders: int = 0
+    loader_priority: str = ""  # "idle" (SCHED_IDLE loaders) or "normal"
     read_mode: str = ""
     peak_rss_bytes: int = 0
     pool_high_water_bytes: int = 0

@@ -175,7 +175,8 @@ class StreamRuntime:
     def _begin(self, owner: str, wrap: bool) -> None:
         self._run_owner = owner
         self._stats = RunStats(prefetch=self.prefetcher.depth, loaders=self.prefetcher.loaders,
-                               read_mode=self.reader.read_mode)
+                               read_mode=self.reader.read_mode,
+                               loader_priority="idle" if self.prefetcher.idle_priority else "normal")
         self._by_name = {}
         memory.reset_peak_rss()
         self._t0 = time.perf_counter()
