@@ -151,7 +151,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                                                 "--prefetch/--resident/--loaders are given: the memory available now)")
     parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 2")
     parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
-    parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")
+    parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default 1)")
 
 
 def _at_least(minimum: int):

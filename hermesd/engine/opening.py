@@ -48,7 +48,8 @@ class OpenStats:
         """One line for people."""
         return (f"load() {self.wall_s:.3f} s: skeleton {self.skeleton_s:.3f} s, {self.resident_bytes / 1e9:.2f} GB "
                 f"resident read in {self.read_s:.3f} s ({self.read_gbps:.2f} GB/s; {self.read_wait_s:.3f} s of it "
-                f"waiting for memory faulted in on {self.fault_threads} thread(s)), ring {self.ring_bytes / 1e9:.2f} GB")
+                f"waiting for memory faulted in on {self.fault_threads} thread(s)), "
+                f"ring {self.ring_bytes / 1e9:.2f} GB")
 
 
 @dataclass

@@ -131,7 +131,8 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
             roomy = ring_stalls(sizes, depth, ring) == 0  # none may exist within the bound
             pool = ring if roomy else pool
         return Plan(
-            prefetch=depth if streamed else 0, loaders=max(1, min(loaders or DEFAULT_LOADERS, depth)) if streamed and depth else 0,
+            prefetch=depth if streamed else 0,
+            loaders=max(1, min(loaders or DEFAULT_LOADERS, depth)) if streamed and depth else 0,
             resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,
             resident_bytes=sum(read_bytes(n) + extra[n] for n in keep),
             activation_bytes=act + max((extra[n] for n in streamed), default=0),
