@@ -249,7 +249,8 @@ def describe(profile: Profile, prediction: Prediction) -> list[str]:
     """The plan, its predicted latency and peak, and what bounds it."""
     plan = prediction.plan
     return [
-        f"plan: prefetch {plan.prefetch} on {plan.loaders} {plan.loader_priority}-priority loader(s), "
+        f"plan: prefetch {plan.prefetch} on {plan.loaders} "
+        f"{plan.loader_priority + '-priority ' if plan.loaders else ''}loader(s), "
         f"{len(plan.resident)} of "
         f"{len(profile.stages)} stages resident ({format_size(plan.resident_bytes)}), ring "
         f"{format_size(plan.pool_bytes)}, {prediction.read_mode} reads, {prediction.compute_threads} compute threads"
