@@ -7,7 +7,10 @@ Passes (each reads the model once, page cache evicted before it):
 4. the reference prompt with no prefetch: each stage's cold O_DIRECT load and its compute, apart;
 5. the reference prompt with one stage prefetched: how much compute slows while a loader reads, and
    the peak memory of a streamed run against the planner's model of it (the slack it misses);
-6. the same with the loader on SCHED_IDLE: compute's slowdown then, and how much longer reads take.
+6. the same with the loader on SCHED_IDLE: compute's slowdown then, and how much longer reads take;
+   causal LMs run it with the KV cache on, and its extra peak over pass 5 is the cache's measured cost
+   per token (GPT-2-XL: a 128-token forward with the cache peaked ~200 MiB higher, where the cache's
+   own tensors are 75 MiB; the planner now takes the larger of the two).
 Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds, and a
 buffer is faulted in for load()'s cost of fresh memory.
 """
@@ -76,7 +79,8 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         streamed_pool = engine.plan.pool_bytes
     say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while an idle-priority loader reads")
     with _open(store_dir, manifest, prefetch=1, priority="idle") as engine:
-        idle, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
+        # With the KV cache on (causal LMs): its peak over pass 5's is what the cache really costs.
+        idle, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **({"use_cache": True} if causal else {}))
     say("buffered read speed, fault-in speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
     per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
@@ -88,7 +92,8 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     profile = Profile(
         fingerprint=fingerprint(store_dir), reference_tokens=reference_tokens, runtime_bytes=runtime,
         activation_fixed_bytes=int(max(small_peak - 8 * per_token, 0)), activation_bytes_per_token=per_token,
-        kv_bytes_per_token=_kv_bytes_per_token(manifest) if causal else 0,
+        kv_bytes_per_token=max(_kv_bytes_per_token(manifest), (idle.peak_rss_bytes - overlapped.peak_rss_bytes)
+                               // reference_tokens) if causal else 0,
         interference=_slowdown(alone, overlapped),
         read_direct_gbps=read_bytes / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
         read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,

@@ -39,7 +39,7 @@ def test_profile_measures_every_stage(profiled):
     blocks = [s for s in profile.stages if s.kind == "block"]
     assert all(s.load_cold_s > 0 and s.compute_prompt_s > 0 and s.compute_decode_s > 0 for s in blocks)
     assert all(s.bytes >= manifest.stage(s.name).stored_bytes for s in blocks)
-    assert profile.causal and profile.kv_bytes_per_token == 2 * 3 * 64 * 4  # 2 x layers x hidden x fp32
+    assert profile.causal and profile.kv_bytes_per_token >= 2 * 3 * 64 * 4  # 2 x layers x hidden x fp32, or measured
     assert profile.runtime_bytes > 100 << 20 and profile.interference >= 1.0
     assert profile.read_direct_gbps > 0 and profile.read_buffered_gbps > 0
     assert [m.split(":")[0] for m in messages][:6] == [f"pass {n}/6" for n in range(1, 7)]
