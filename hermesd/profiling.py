@@ -73,14 +73,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         reference_peak = alone.peak_rss_bytes - baseline
         spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
         direct = engine.reader.direct
-    say(f"pass {passes - 1}/{passes}: {reference_tokens}-token prompt while a loader reads")
-    with _open(store_dir, manifest, prefetch=1) as engine:
-        overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
-        streamed_pool = engine.plan.pool_bytes
-    say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while an idle-priority loader reads")
-    with _open(store_dir, manifest, prefetch=1, priority="idle") as engine:
-        # With the KV cache on (causal LMs): its peak over pass 5's is what the cache really costs.
-        idle, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **({"use_cache": True} if causal else {}))
+    overlapped, streamed_pool, idle = _loading_passes(store_dir, manifest, reference_tokens, causal, say, passes)
     say("buffered read speed, fault-in speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
     per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
@@ -103,6 +96,21 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         skeleton_s=skeleton_s, fault_gbps=_fault_gbps(),
         notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
     return replace(profile, peak_slack_bytes=_peak_slack(profile, overlapped.peak_rss_bytes, streamed_pool))
+
+
+def _loading_passes(store_dir: Path, manifest: Manifest, tokens: int, causal: bool, say: ProgressFn,
+                    passes: int) -> tuple[RunStats, int, RunStats]:
+    """The reference prompt with a loader at normal priority (no KV cache), then at idle priority
+    (the KV cache on for causal LMs); returns both runs' stats and the first one's ring size."""
+    say(f"pass {passes - 1}/{passes}: {tokens}-token prompt while a loader reads")
+    with _open(store_dir, manifest, prefetch=1) as engine:
+        overlapped, _ = _pass(engine, store_dir, _inputs(engine, tokens), **({"use_cache": False} if causal else {}))
+        streamed_pool = engine.plan.pool_bytes
+    say(f"pass {passes}/{passes}: {tokens}-token prompt while an idle-priority loader reads")
+    with _open(store_dir, manifest, prefetch=1, priority="idle") as engine:
+        # With the KV cache on (causal LMs): its peak over pass 5's is what the cache really costs.
+        idle, _ = _pass(engine, store_dir, _inputs(engine, tokens), **({"use_cache": True} if causal else {}))
+    return overlapped, streamed_pool, idle
 
 
 def _slowdown(alone: RunStats, loading: RunStats) -> float:
