@@ -32,6 +32,7 @@ class LoadedStage:
     load_start: float
     load_end: float
     prefetched: bool
+    cpu_s: float = 0.0  # CPU time the reading thread spent on it (syscalls, header check, views)
 
 
 @dataclass
@@ -131,9 +132,10 @@ class Prefetcher:
             self._cursor += 1
 
     def _load(self, name: str, region: Region, prefetched: bool) -> LoadedStage:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         tensors, count = self.reader.read(name, region.view)
-        return LoadedStage(name, tensors, region, count, started, time.perf_counter(), prefetched)
+        return LoadedStage(name, tensors, region, count, started, time.perf_counter(), prefetched,
+                           time.thread_time() - cpu)
 
     def _load_now(self, name: str) -> LoadedStage:
         region = self.pool.acquire_overdraft(self.reader.span(name))

@@ -228,6 +228,7 @@ class StreamRuntime:
             record.loads += 1
             record.bytes_read += loaded.bytes_read
             record.load_s += loaded.load_end - loaded.load_start
+            record.load_cpu_s += loaded.cpu_s
             record.wait_s += ready - asked
             self._stats.on_demand_loads += not loaded.prefetched
             self._event(name, "load", loaded.load_start, loaded.load_end)
