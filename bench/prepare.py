@@ -96,7 +96,9 @@ def plan_for(store: Path, budget: int, workload: str, out: Path, prefetch: int |
 
     A budget the planner refuses is returned as ``{"error": ...}``: that contender then fails to run.
     """
-    command = hermesd_cli("plan", str(store), "--memory-budget", str(budget), "--workload", workload, "--json")
+    # The suite's hermesd runs are fresh processes timed from load() on: one-shot plans, load() counted.
+    command = hermesd_cli("plan", str(store), "--memory-budget", str(budget), "--workload", workload, "--json",
+                          "--one-shot")
     if prefetch is not None:
         command += ["--prefetch", str(prefetch)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -59,6 +59,7 @@ def run_hermesd(args: argparse.Namespace) -> dict[str, Any]:
                              engine.model.config)
     stats = engine.stats
     result.update(plan=engine.plan.to_dict(), stats=stats.to_dict(timeline=args.timeline),
+                  open_stats=engine.open_stats.to_dict(),
                   streamed_bytes=stats.bytes_read - stats.gathered_bytes,
                   bytes_per_pass=(stats.bytes_read - stats.gathered_bytes) / max(stats.passes, 1),
                   peak_before_workload=max(result["peak_before_workload"], stats.peak_rss_bytes))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def _add_plan(commands) -> None:
     plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB, or 'auto'")
     plan.add_argument("--workload", type=_workload, help=WORKLOAD_HELP)
     plan.add_argument("--prefetch", type=_at_least(0), help="consider only this prefetch depth")
+    plan.add_argument("--one-shot", action="store_true",
+                      help="plan for a process that loads, runs once and exits: load() time counts")
     plan.add_argument("--explain", action="store_true", help="say why: the bound, marginal value, other budgets")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_cmd_plan)
@@ -154,7 +157,7 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                                                 "--prefetch/--resident/--loaders are given: the memory available now)")
     parser.add_argument("--prefetch", type=_at_least(0), help="stages read ahead (k); default 2")
     parser.add_argument("--resident", help="comma-separated stage names to keep in memory, or 'all'")
-    parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")
+    parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default 1)")
 
 
 def _workload(text: str):
@@ -254,7 +257,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from hermesd.plan.workload import DEFAULT_WORKLOAD
     from hermesd.planning import resolve
 
-    workload = args.workload or DEFAULT_WORKLOAD
+    workload = replace(args.workload or DEFAULT_WORKLOAD, one_shot=args.one_shot)
     depths = range(args.prefetch, args.prefetch + 1) if args.prefetch is not None else range(5)
     resolved = resolve(args.store, args.memory_budget, workload, profile="if-missing", depths=depths, use_saved=False,
                        progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
@@ -285,10 +288,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stats = engine.stats
         if args.json:
             print(json.dumps({"task": args.task, "result": result, "stats": stats.to_dict(timeline=args.timeline),
-                              "plan": engine.plan.to_dict()}))
+                              "plan": engine.plan.to_dict(), "load": engine.open_stats.to_dict()}))
         else:
             print(_human_result(args.task, result))
             print(stats.summary(), file=sys.stderr)
+            print(engine.open_stats.summary(), file=sys.stderr)
     return 0
 
 

@@ -191,7 +191,7 @@ def load(store_dir: str | os.PathLike[str], memory_budget: int | str | None = No
         BudgetError. None means "auto" (the memory available now) unless prefetch/resident/loaders are given.
     prefetch: stages read ahead while one computes (k); default 2 (see plan.budget.DEFAULT_PREFETCH).
     resident: stage names kept in memory, or "all"; default: none without a budget, chosen with one.
-    loaders: loader threads (default: one per prefetched stage).
+    loaders: loader threads (default 1: one sequential reader; see plan.budget.DEFAULT_LOADERS).
     direct_io: force O_DIRECT on or off; default: use it where the filesystem supports it.
     workload: the largest job the plan must fit (default: a saved plan's, else a 512-token prompt).
     plan: an explicit plan (from hermesd.plan.planner); otherwise ``resolve`` decides, using the plan

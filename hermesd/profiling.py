@@ -5,34 +5,46 @@ Passes (each reads the model once, page cache evicted before it):
 2.-3. causal LMs only: two decode steps on that cache; the second gives each stage's decode compute
    (the first pays one-time kernel setup for one-token shapes: measured 2x slower on Llama-1B);
 4. the reference prompt with no prefetch: each stage's cold O_DIRECT load and its compute, apart;
-5. the reference prompt with one stage prefetched: how much compute slows while a loader reads.
-Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds.
+5. the reference prompt with one stage prefetched: how much compute slows while a loader reads, and
+   the peak memory of a streamed run against the planner's model of it (the slack it misses);
+6. the same with the loader on SCHED_IDLE: compute's slowdown then, and how much longer reads take;
+   causal LMs run it with the KV cache on, and its extra peak over pass 5 is the cache's measured cost
+   per token (GPT-2-XL: a 128-token forward with the cache peaked ~200 MiB higher, where the cache's
+   own tensors are 75 MiB; the planner now takes the larger of the two).
+Then a sample of stage files is read buffered, cold and warm, for the page-cache read speeds, and a
+buffer is faulted in for load()'s cost of fresh memory.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from hermesd import memory
+from hermesd.engine.bufferpool import prefault
 from hermesd.engine.engine import Engine
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats
 from hermesd.plan.budget import compute_bytes, fit_plan
+from hermesd.plan.planner import evaluate
 from hermesd.plan.profile import Profile, StageCost, fingerprint
+from hermesd.plan.workload import Workload
 from hermesd.store.manifest import Manifest
 
 BUFFERED_SAMPLE_BYTES = 512 << 20
+FAULT_SAMPLE_BYTES = 256 << 20
 ProgressFn = Callable[[str], None]
 
 
 def profile_passes(manifest: Manifest) -> int:
-    """Passes over the model ``profile_store`` makes: five for causal LMs, three for the others."""
-    return 5 if manifest.architecture.endswith(("ForCausalLM", "LMHeadModel")) else 3
+    """Passes over the model ``profile_store`` makes: six for causal LMs, four for the others."""
+    return 6 if manifest.architecture.endswith(("ForCausalLM", "LMHeadModel")) else 4
 
 
 def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128,
@@ -51,6 +63,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         baseline = memory.rss_bytes()
         no_cache = {"use_cache": False} if causal else {}  # the KV cache is planned for separately
         passes = profile_passes(manifest)
+        skeleton_s = engine.open_stats.skeleton_s
         say(f"pass 1/{passes}: warm-up")
         warm_stats, cache = _pass(engine, store_dir, _inputs(engine, 8), **({"use_cache": True} if causal else {}))
         small_peak = warm_stats.peak_rss_bytes - baseline
@@ -63,15 +76,14 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
                 small_peak = max(small_peak, step.peak_rss_bytes - baseline)  # a decode step may peak higher
             decode = {s.name: s.compute_s for s in step.stages}
         del cache
-        say(f"pass {passes - 1}/{passes}: {reference_tokens}-token prompt, no prefetch")
+        say(f"pass {passes - 2}/{passes}: {reference_tokens}-token prompt, no prefetch")
         alone, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
         reference_peak = alone.peak_rss_bytes - baseline
         spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
         direct = engine.reader.direct
-    say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while a loader reads")
-    with _open(store_dir, manifest, prefetch=1, on_stage=on_stage) as engine:
-        overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
-    say("buffered read speed")
+    overlapped, streamed_pool, idle = _loading_passes(store_dir, manifest, reference_tokens, causal, say, passes,
+                                                     on_stage)
+    say("buffered read speed, fault-in speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
     per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
     by_name = {s.name: s for s in alone.stages}
@@ -79,21 +91,77 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name], extra[entry.name])
               for entry in manifest.stages]
     read_bytes = sum(s.bytes_read for s in alone.stages)
-    return Profile(
+    profile = Profile(
         fingerprint=fingerprint(store_dir), reference_tokens=reference_tokens, runtime_bytes=runtime,
         activation_fixed_bytes=int(max(small_peak - 8 * per_token, 0)), activation_bytes_per_token=per_token,
-        kv_bytes_per_token=_kv_bytes_per_token(manifest) if causal else 0,
-        interference=max(1.0, overlapped.compute_s / max(alone.compute_s, 1e-9)),
+        kv_bytes_per_token=max(_kv_bytes_per_token(manifest), (idle.peak_rss_bytes - overlapped.peak_rss_bytes)
+                               // reference_tokens) if causal else 0,
+        interference=_slowdown(alone, overlapped),
         read_direct_gbps=read_bytes / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
         read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,
         profile_seconds=time.perf_counter() - started,
+        interference_idle=_slowdown(alone, idle),
+        idle_read_slowdown=max(1.0, idle.load_s / max(overlapped.load_s, 1e-9)),
+        skeleton_s=skeleton_s, fault_gbps=_fault_gbps(),
         notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
+    return replace(profile, peak_slack_bytes=_peak_slack(profile, overlapped.peak_rss_bytes, streamed_pool))
 
 
-def _open(store_dir: Path, manifest: Manifest, prefetch: int, on_stage: Callable[[str], None] | None = None) -> Engine:
-    """The store with nothing resident and ``prefetch`` stages read ahead (the measuring setups)."""
+def _loading_passes(store_dir: Path, manifest: Manifest, tokens: int, causal: bool, say: ProgressFn,
+                    passes: int, on_stage: Callable[[str], None] | None) -> tuple[RunStats, int, RunStats]:
+    """The reference prompt with a loader at normal priority (no KV cache), then at idle priority
+    (the KV cache on for causal LMs); returns both runs' stats and the first one's ring size."""
+    say(f"pass {passes - 1}/{passes}: {tokens}-token prompt while a loader reads")
+    with _open(store_dir, manifest, prefetch=1, on_stage=on_stage) as engine:
+        overlapped, _ = _pass(engine, store_dir, _inputs(engine, tokens), **({"use_cache": False} if causal else {}))
+        streamed_pool = engine.plan.pool_bytes
+    say(f"pass {passes}/{passes}: {tokens}-token prompt while an idle-priority loader reads")
+    with _open(store_dir, manifest, prefetch=1, priority="idle", on_stage=on_stage) as engine:
+        # With the KV cache on (causal LMs): its peak over pass 5's is what the cache really costs.
+        idle, _ = _pass(engine, store_dir, _inputs(engine, tokens), **({"use_cache": True} if causal else {}))
+    return overlapped, streamed_pool, idle
+
+
+def _slowdown(alone: RunStats, loading: RunStats) -> float:
+    """Compute's slowdown while loading: the median over stages of their compute time ratio (>= 1).
+
+    Per stage, not in total: on a shared machine another process's burst lands on a few stages of one
+    pass, and a ratio of totals took all of it as interference (1.29 measured for BERT-large on a loaded
+    machine, the same with idle and normal loaders)."""
+    before = {s.name: s.compute_s for s in alone.stages}
+    ratios = sorted(s.compute_s / before[s.name] for s in loading.stages if before.get(s.name, 0) > 1e-3)
+    if not ratios:
+        return max(1.0, loading.compute_s / max(alone.compute_s, 1e-9))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return max(1.0, median)
+
+
+def _peak_slack(profile: Profile, measured: int, pool_bytes: int) -> int:
+    """What the planner's peak for the streamed reference pass (k=1, that pass's ring) misses of its
+    measured peak; 0 when the model covered it."""
+    pinned = [s.name for s in profile.stages if s.kind == "pinned"]
+    model = evaluate(profile, Workload(prompt_tokens=profile.reference_tokens), 1, pinned, None)
+    predicted = model.peak_bytes - model.plan.pool_bytes + pool_bytes
+    return max(0, measured - predicted)
+
+
+def _fault_gbps(size: int = FAULT_SAMPLE_BYTES) -> float:
+    """GB/s at which fresh memory is faulted in on all cores, as load() does it."""
+    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as executor:
+        started = time.perf_counter()
+        memory = prefault(size, executor).result()
+        seconds = time.perf_counter() - started
+    memory.close()
+    return size / max(seconds, 1e-9) / 1e9
+
+
+def _open(store_dir: Path, manifest: Manifest, prefetch: int, priority: str = "normal",
+          on_stage: Callable[[str], None] | None = None) -> Engine:
+    """The store with nothing resident and ``prefetch`` stages read ahead (the measuring setups);
+    ``on_stage`` is called with each stage's name as it runs."""
     plan = fit_plan(manifest, StageReader(store_dir, manifest).span, memory.rss_bytes(), prefetch=prefetch)
-    engine = Engine.open(store_dir, plan)
+    engine = Engine.open(store_dir, replace(plan, loader_priority=priority))
     engine.set_checkpoint(on_stage)
     return engine
 

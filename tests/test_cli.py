@@ -37,12 +37,14 @@ def test_run_generate_human_and_json(smollm2):
     human = hermesd("run", store, "--task", "generate", "--max-new-tokens", "12", "--prefetch", "1",
                     "What is the capital of France?")
     assert human.returncode == 0, human.stderr
-    assert "Paris" in human.stdout and "peak RSS" in human.stderr
+    assert "Paris" in human.stdout and "peak RSS" in human.stderr and "load() " in human.stderr
     # --prefetch: streamed as told (with no budget at all the model would now simply be resident)
     machine = hermesd("run", store, "--task", "generate", "--json", "--timeline", "--max-new-tokens", "4",
                       "--prefetch", "2", "--input", "Hello")
     report = json.loads(machine.stdout)
-    assert set(report) == {"task", "result", "stats", "plan"}
+    assert set(report) == {"task", "result", "stats", "plan", "load"}
+    assert report["load"]["wall_s"] > 0 and report["load"]["ring_bytes"] >= report["plan"]["pool_bytes"] > 0
+    assert report["stats"]["loaders"] == 1 and report["stats"]["prefetch"] == 2, "one loader, two ahead"
     assert report["stats"]["passes"] == report["result"]["new_tokens"]
     assert {event[1] for event in report["stats"]["timeline"]} == {"load", "compute"}
 

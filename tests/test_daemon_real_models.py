@@ -84,6 +84,9 @@ def test_hermes_cli_for_scripts(daemon):
     assert status["state"] == "ready" and status["jobs"]["done"] >= 2
     models = json.loads(_hermes(daemon, "models", "--json").stdout)
     assert {m["name"] for m in models} == {"smollm2", "minilm"}
+    assert any(m["loaded"] for m in models)
+    for model in (m for m in models if m["loaded"]):  # both ran a job: load() time is reported
+        assert model["load_stats"]["wall_s"] > 0 and model["load_stats"]["skeleton_s"] > 0
 
     unknown = _hermes(daemon, "--json", "generate", "--model", "nope", "hi")
     assert unknown.returncode == 1 and json.loads(unknown.stdout)["error"]["code"] == "unknown_model"

@@ -188,3 +188,34 @@ def test_an_interrupted_forward_leaves_the_engine_usable(converted):
     assert engine._runtime.prefetcher.pool.overdrafts == 0, "the interrupted run's regions were all given back"
     engine.close()
     engine.close()  # closing twice is harmless
+
+
+def _loader_policies() -> set[int]:
+    import os
+    import threading
+
+    return {os.sched_getscheduler(t.native_id) for t in threading.enumerate() if t.name.startswith("hermesd-loader")}
+
+
+@pytest.mark.parametrize("planned,forced,expected", [("idle", "", "idle"), ("normal", "", "normal"),
+                                                      ("idle", "normal", "normal")])
+def test_loader_threads_run_at_the_plans_priority(converted, monkeypatch, planned, forced, expected):
+    import dataclasses
+    import os
+
+    model = converted("gpt2")
+    monkeypatch.setenv("HERMESD_LOADER_PRIORITY", forced)
+    from hermesd.planning import resolve
+
+    plan = dataclasses.replace(resolve(model.store, prefetch=2).plan, loader_priority=planned)
+    inputs = _inputs("gpt2")
+    with torch.inference_mode():
+        want = _main_output(model.reference()(**inputs))
+        with hermesd.load(model.store, plan=plan) as engine:
+            got = _main_output(engine.model(**inputs))
+            stats, policies = engine.stats, _loader_policies()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert stats.loader_priority == expected and stats.loaders == 1
+    assert policies == {os.SCHED_IDLE if expected == "idle" else os.SCHED_OTHER}
+    # The reading thread's CPU is measured per load, and one thread cannot use more CPU than wall time.
+    assert 0 < stats.load_cpu_s <= stats.load_s + 0.01

@@ -117,3 +117,60 @@ def test_workload_parsing():
     for bad in ["", "x", "0", "1:2:0", "1:2:3:4", "-1"]:
         with pytest.raises(ValueError):
             Workload.parse(bad)
+
+
+def _measured(profile: Profile, **facts) -> Profile:
+    from dataclasses import replace
+
+    return replace(profile, **facts)
+
+
+def test_compute_bound_with_costly_loaders_prefers_no_prefetch():
+    # BERT-large on the EPYC: compute 6.7 s, reads 0.6 s, and compute 20 % slower while a loader ran.
+    # Hiding 0.6 s of reads costs 1.3 s of compute, so k=0 is the faster plan and must be chosen.
+    profile = _profile(load_s=0.02, compute_s=0.8, head_mib=10, interference=1.2)
+    budget = minimum_budget(profile, Workload()) + 40 * MIB
+    chosen = choose_plan(profile, budget)
+    assert chosen.plan.prefetch == 0 and chosen.plan.streamed
+    k2 = choose_plan(profile, budget, depths=range(2, 3))
+    assert chosen.latency_s < k2.latency_s
+
+
+def test_idle_loaders_are_chosen_when_they_hide_reads_without_slowing_compute():
+    profile = _measured(_profile(load_s=0.02, compute_s=0.8, head_mib=10, interference=1.2),
+                        interference_idle=1.0, idle_read_slowdown=3.0)
+    budget = minimum_budget(profile, Workload()) + 40 * MIB
+    chosen = choose_plan(profile, budget)
+    assert chosen.plan.prefetch >= 1 and chosen.plan.loader_priority == "idle"
+    k0 = choose_plan(profile, budget, depths=range(1))
+    assert chosen.latency_s < k0.latency_s and k0.plan.loader_priority == "normal"
+
+
+def test_io_bound_plans_keep_loaders_at_normal_priority():
+    # Idle loaders would not slow compute, but their reads (the bound) would take 3x longer.
+    profile = _measured(_profile(load_s=0.1, compute_s=0.01), interference=1.05, interference_idle=1.0,
+                        idle_read_slowdown=3.0)
+    chosen = choose_plan(profile, minimum_budget(profile, Workload()) + 40 * MIB, depths=range(2, 3))
+    assert chosen.plan.prefetch == 2 and chosen.plan.loader_priority == "normal"
+
+
+def test_one_shot_runs_count_load_and_stream_rather_than_read_everything_first():
+    # A budget that holds the whole model: a daemon keeps it all resident (load() is paid once), but a
+    # one-shot run would read every stage in load() before computing, where streaming overlaps them.
+    profile = _measured(_profile(load_s=0.05, compute_s=0.05, head_mib=10), skeleton_s=0.01, fault_gbps=1.0)
+    budget = 100 * MIB + _model_bytes(profile) + 64 * MIB
+    daemon = choose_plan(profile, budget, Workload())
+    once = choose_plan(profile, budget, Workload(one_shot=True))
+    assert daemon.plan.streamed == () and once.plan.streamed
+    assert once.open_s < daemon.open_s, "load() reads less when stages stream"
+    assert once.latency_s < daemon.latency_s + daemon.open_s, "streaming beats reading it all first, once"
+
+
+def test_measured_peak_slack_is_added_to_every_plan():
+    profile = _profile(load_s=0.05, compute_s=0.05)
+    slack = 40 * MIB
+    base = choose_plan(profile, None, depths=range(2, 3))
+    padded = choose_plan(_measured(profile, peak_slack_bytes=slack), None, depths=range(2, 3))
+    assert padded.peak_bytes == base.peak_bytes + slack
+    assert minimum_budget(_measured(profile, peak_slack_bytes=slack), Workload()) == \
+        minimum_budget(profile, Workload()) + slack

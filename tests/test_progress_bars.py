@@ -70,5 +70,5 @@ def test_profile_draws_a_bar_of_the_stages_it_profiles(minilm, tmp_path):
     shutil.copytree(minilm[1], store, copy_function=os.link)
     status, output = in_terminal("profile", str(store))
     assert status == 0, output
-    assert BAR.search(output) and "24/24" in output and "pass 3/3" in output, output  # 3 passes x 8 stages
+    assert BAR.search(output) and "32/32" in output and "pass 4/4" in output, output  # 4 passes x 8 stages
     assert re.search(r"^8 stages: cold load", output, re.M), output

@@ -78,6 +78,7 @@ class ModelHost:
                 "plan_summary": f"prefetch {plan.prefetch}, {len(plan.resident)} resident stage(s), "
                                 f"ring {plan.pool_bytes / 2**20:.0f} MiB ({self.plan_source})",
                 "resident_now": engine.resident_now if engine is not None else [],
+                "load_stats": engine.open_stats.to_dict() if engine is not None else None,  # the last load()
                 "loaded": engine is not None, "keep_alive_s": -1 if keep is None else keep,
                 "idle_s": round(time.monotonic() - self.last_used, 3),
                 "max_prompt_tokens": self.settings.max_prompt_tokens,

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from concurrent.futures import Executor, Future, wait
 
 from hermesd.plan.ring import PAGE, Region, RingLayout, round_up
 
-__all__ = ["PAGE", "Region", "RingPool", "map_memory", "round_up"]
+__all__ = ["PAGE", "Region", "RingPool", "Prefaulted", "map_memory", "prefault", "round_up"]
+
+FAULT_CHUNK = 32 << 20  # bytes per fault-in job: a multiple of the 2 MiB huge page, small enough to spread
 
 
 def map_memory(size: int, populate: bool = True) -> mmap.mmap:
@@ -33,16 +36,54 @@ def map_memory(size: int, populate: bool = True) -> mmap.mmap:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         memory.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, or the pages are already small
     if populate:
-        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(memory)), 0, len(memory))
+        _fault_in(memory, 0, len(memory))
     return memory
+
+
+def _fault_in(memory: mmap.mmap, start: int, length: int) -> None:
+    """Fault pages [start, start + length) in by writing them. ctypes.memset releases the GIL, so several
+    threads fault in parallel. Not MADV_POPULATE_WRITE: it holds the process's mmap lock for the whole
+    range, and every allocation and O_DIRECT read of the other threads queued behind it (measured: the
+    skeleton build went from 0.05 to 4.4 s)."""
+    ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(memory)) + start, 0, length)
+
+
+class Prefaulted:
+    """Memory being faulted in on an executor's threads; ``result()`` waits and returns the mapping."""
+
+    def __init__(self, memory: mmap.mmap, jobs: list[Future]) -> None:
+        self.memory = memory
+        self._jobs = jobs
+
+    def result(self) -> mmap.mmap:
+        wait(self._jobs)
+        for job in self._jobs:
+            job.result()  # re-raise a failure (none expected: the fallback is a memset)
+        return self.memory
+
+
+def prefault(size: int, executor: Executor) -> Prefaulted:
+    """Map ``size`` bytes now and fault them in on ``executor`` in FAULT_CHUNK pieces, in order.
+
+    Fresh memory is costly on a VM whose host backs guest pages lazily: measured here 2.5-3.5 s of
+    system time per GB the first time, 0.15-0.4 s once the host holds the pages. load() overlaps
+    this with its disk reads and the skeleton build, and spreads it over the cores.
+    """
+    memory = map_memory(size, populate=False)
+    jobs = [executor.submit(_fault_in, memory, start, min(FAULT_CHUNK, len(memory) - start))
+            for start in range(0, len(memory), FAULT_CHUNK)]
+    return Prefaulted(memory, jobs)
 
 
 class RingPool(RingLayout):
     """Hands out regions of one pre-faulted arena in FIFO order; never maps memory while streaming."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, arena: mmap.mmap | None = None) -> None:
+        """``arena``: memory of at least ``capacity`` bytes, already faulted in (else mapped here)."""
         super().__init__(capacity)
-        self._arena = map_memory(self.capacity) if self.capacity else None
+        if arena is not None and len(arena) < self.capacity:
+            raise ValueError(f"arena of {len(arena)} bytes for a ring of {self.capacity}")
+        self._arena = (arena if arena is not None else map_memory(self.capacity)) if self.capacity else None
         self._memory = memoryview(self._arena) if self._arena is not None else None
 
     def _view(self, offset: int, size: int) -> memoryview:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from hermesd.engine.bufferpool import RingPool, map_memory
+from hermesd.engine.opening import OpenJob, OpenStats
 from hermesd.engine.prefetch import Prefetcher
+from hermesd.engine.priority import effective_priority
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats
 from hermesd.engine.runtime import StreamRuntime
@@ -40,6 +43,7 @@ class Engine:
         self._tokenizer = None
         self._image_processor = None
         self.max_input_tokens: int | None = None  # set by a server: tasks refuse longer inputs (the plan's size)
+        self.open_stats = OpenStats()  # where load() spent its time (set by open)
 
     @property
     def stats(self) -> RunStats:
@@ -115,18 +119,33 @@ class Engine:
     @classmethod
     def open(cls, store_dir: str | os.PathLike[str], plan: Plan, direct_io: bool | None = None) -> "Engine":
         """Open a store under ``plan`` (decided by ``hermesd.planning.resolve``): build the skeleton,
-        start the loaders, read the resident stages. ``direct_io`` forces O_DIRECT on or off."""
+        start the loaders, read the resident stages. ``direct_io`` forces O_DIRECT on or off.
+
+        Faulting memory in, the resident reads and the skeleton build run at once (engine.opening);
+        ``engine.open_stats`` says where the time went."""
+        started = time.perf_counter()
         store_dir = Path(store_dir)
         manifest = Manifest.load(store_dir)
         _check_plan_covers(manifest, plan)
-        dtype = getattr(torch, manifest.dtype)
-        model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), dtype)
-        quantize_skeleton(model, manifest_metas(manifest), dtype)  # quantized stores: QuantLinear/QuantEmbedding
         reader = StageReader(store_dir, manifest, direct=direct_io)
-        prefetcher = Prefetcher(reader, RingPool(plan.pool_bytes), list(plan.streamed), plan.prefetch, plan.loaders)
-        runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
-        resident_memory = {name: _load_resident(reader, runtime, name) for name in plan.resident}
-        return cls(store_dir, manifest, model, plan, reader, runtime, resident_memory)
+        job = OpenJob(reader, list(plan.resident), plan.pool_bytes if plan.streamed else 0)
+        try:
+            model = _skeleton(manifest)
+            job.stats.skeleton_s = time.perf_counter() - started
+            prefetcher = Prefetcher(reader, RingPool(plan.pool_bytes, arena=job.ring()), list(plan.streamed),
+                                    plan.prefetch, plan.loaders,
+                                    idle_priority=effective_priority(plan.loader_priority) == "idle")
+            runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
+            resident_memory = {}
+            for name, stage in job.resident().items():
+                runtime.pin(name, stage.tensors)
+                resident_memory[name] = stage.memory
+        finally:
+            job.close()
+        engine = cls(store_dir, manifest, model, plan, reader, runtime, resident_memory)
+        job.stats.wall_s = time.perf_counter() - started
+        engine.open_stats = job.stats
+        return engine
 
     def __enter__(self) -> "Engine":
         return self
@@ -142,6 +161,13 @@ def _check_plan_covers(manifest: Manifest, plan: Plan) -> None:
     if sorted(planned) != sorted(names):
         raise ValueError(f"the plan does not cover this store's stages exactly (plan: {len(planned)} names, "
                          f"store: {len(names)} stages)")
+
+
+def _skeleton(manifest: Manifest) -> torch.nn.Module:
+    dtype = getattr(torch, manifest.dtype)
+    model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), dtype)
+    quantize_skeleton(model, manifest_metas(manifest), dtype)  # quantized stores: QuantLinear/QuantEmbedding
+    return model
 
 
 def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mmap.mmap:

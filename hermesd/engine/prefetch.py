@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hermesd.engine.bufferpool import Region, RingPool
+from hermesd.engine.priority import lower_this_thread
 from hermesd.engine.reader import StageReader
 
 
@@ -31,6 +32,7 @@ class LoadedStage:
     load_start: float
     load_end: float
     prefetched: bool
+    cpu_s: float = 0.0  # CPU time the reading thread spent on it (syscalls, header check, views)
 
 
 @dataclass
@@ -43,14 +45,18 @@ class _Pending:
 class Prefetcher:
     """Keeps up to ``depth`` loads of upcoming stages in flight on ``loaders`` threads."""
 
-    def __init__(self, reader: StageReader, pool: RingPool, order: list[str], depth: int, loaders: int) -> None:
+    def __init__(self, reader: StageReader, pool: RingPool, order: list[str], depth: int, loaders: int,
+                 idle_priority: bool = False) -> None:
         self.reader = reader
         self.pool = pool
         self.order = list(order)
         self.depth = depth if self.order else 0
         self.loaders = max(1, loaders) if self.depth else 0
+        self.idle_priority = idle_priority  # loaders on SCHED_IDLE (engine.priority)
+        self.priority_applied: dict[str, bool] = {}  # what lower_this_thread achieved (filled by the loaders)
         self._executor = (
-            ThreadPoolExecutor(max_workers=self.loaders, thread_name_prefix="hermesd-loader")
+            ThreadPoolExecutor(max_workers=self.loaders, thread_name_prefix="hermesd-loader",
+                               initializer=self._lower_priority if self.idle_priority else None)
             if self.depth > 0 else None
         )
         self._pending: deque[_Pending] = deque()
@@ -59,6 +65,10 @@ class Prefetcher:
         self._active = False
         self._wrap = False
         self.paused = False
+
+    def _lower_priority(self) -> None:
+        # Runs in each loader thread as it starts: compute keeps every core (see engine.priority).
+        self.priority_applied = lower_this_thread()
 
     def start(self, wrap: bool) -> None:
         """Begin a run; with ``wrap`` the schedule continues into the next forward pass (generation)."""
@@ -122,9 +132,10 @@ class Prefetcher:
             self._cursor += 1
 
     def _load(self, name: str, region: Region, prefetched: bool) -> LoadedStage:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         tensors, count = self.reader.read(name, region.view)
-        return LoadedStage(name, tensors, region, count, started, time.perf_counter(), prefetched)
+        return LoadedStage(name, tensors, region, count, started, time.perf_counter(), prefetched,
+                           time.thread_time() - cpu)
 
     def _load_now(self, name: str) -> LoadedStage:
         region = self.pool.acquire_overdraft(self.reader.span(name))

@@ -15,6 +15,7 @@ class StageStats:
     loads: int = 0
     bytes_read: int = 0
     load_s: float = 0.0  # time loader threads spent reading it
+    load_cpu_s: float = 0.0  # CPU time those reads cost their thread (what loading takes from compute)
     wait_s: float = 0.0  # time compute stood still waiting for it
     compute_s: float = 0.0
     resident: bool = False
@@ -28,6 +29,7 @@ class RunStats:
     passes: int = 0
     prefetch: int = 0
     loaders: int = 0
+    loader_priority: str = ""  # "idle" (SCHED_IDLE loaders) or "normal"
     read_mode: str = ""
     peak_rss_bytes: int = 0
     pool_high_water_bytes: int = 0
@@ -52,11 +54,16 @@ class RunStats:
     def load_s(self) -> float:
         return sum(s.load_s for s in self.stages)
 
+    @property
+    def load_cpu_s(self) -> float:
+        return sum(s.load_cpu_s for s in self.stages)
+
     def to_dict(self, timeline: bool = False) -> dict:
         data = asdict(self)
         if not timeline:
             data.pop("timeline")
-        data.update(bytes_read=self.bytes_read, wait_s=self.wait_s, compute_s=self.compute_s, load_s=self.load_s)
+        data.update(bytes_read=self.bytes_read, wait_s=self.wait_s, compute_s=self.compute_s, load_s=self.load_s,
+                    load_cpu_s=self.load_cpu_s)
         return data
 
     def summary(self) -> str:
@@ -66,7 +73,8 @@ class RunStats:
             f"wall {self.wall_s:.3f} s over {self.passes} pass(es); compute {self.compute_s:.3f} s, "
             f"waiting for loads {self.wait_s:.3f} s",
             f"read {format_size(self.bytes_read)} ({self.read_mode}, {read_rate:.2f} GB/s per loader), "
-            f"prefetch depth {self.prefetch} on {self.loaders} loader(s), peak RSS {format_size(self.peak_rss_bytes)}",
+            f"prefetch depth {self.prefetch} on {self.loaders} {self.loader_priority} loader(s) using "
+            f"{self.load_cpu_s:.3f} s of CPU, peak RSS {format_size(self.peak_rss_bytes)}",
         ]
         slowest = sorted(self.stages, key=lambda s: s.wait_s + s.compute_s, reverse=True)[:3]
         for stage in slowest:

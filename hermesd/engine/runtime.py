@@ -175,7 +175,8 @@ class StreamRuntime:
     def _begin(self, owner: str, wrap: bool) -> None:
         self._run_owner = owner
         self._stats = RunStats(prefetch=self.prefetcher.depth, loaders=self.prefetcher.loaders,
-                               read_mode=self.reader.read_mode)
+                               read_mode=self.reader.read_mode,
+                               loader_priority="idle" if self.prefetcher.idle_priority else "normal")
         self._by_name = {}
         memory.reset_peak_rss()
         self._t0 = time.perf_counter()
@@ -227,6 +228,7 @@ class StreamRuntime:
             record.loads += 1
             record.bytes_read += loaded.bytes_read
             record.load_s += loaded.load_end - loaded.load_start
+            record.load_cpu_s += loaded.cpu_s
             record.wait_s += ready - asked
             self._stats.on_demand_loads += not loaded.prefetched
             self._event(name, "load", loaded.load_start, loaded.load_end)

@@ -30,6 +30,11 @@ RUNTIME_MARGIN = 96 << 20
 # (k=1), with peaks of ~960, ~845 and ~900 MiB. Without a budget the lean window wins; with one the
 # planner weighs the roomier ring.
 DEFAULT_PREFETCH = 2
+# One loader thread whatever the depth: the compute thread takes stages in order, so a second reader
+# only splits the disk's bandwidth between the stage needed next and one needed later, and adds a
+# thread that can preempt compute. One sequential reader saturates the disks measured here (bench
+# io-only runs with one); deeper prefetch queues more reads on it instead.
+DEFAULT_LOADERS = 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Plan:
     activation_bytes: int
     runtime_bytes: int
     budget: int | None
+    loader_priority: str = "normal"  # "idle": loaders on SCHED_IDLE (compute-bound plans; engine.priority)
 
     @property
     def peak_bound(self) -> int:
@@ -125,7 +131,8 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
             roomy = ring_stalls(sizes, depth, ring) == 0  # none may exist within the bound
             pool = ring if roomy else pool
         return Plan(
-            prefetch=depth if streamed else 0, loaders=max(1, min(loaders or depth, depth)) if streamed else 0,
+            prefetch=depth if streamed else 0,
+            loaders=max(1, min(loaders or DEFAULT_LOADERS, depth)) if streamed and depth else 0,
             resident=tuple(keep), streamed=tuple(streamed), pool_bytes=pool, pool_stall_free=roomy,
             resident_bytes=sum(read_bytes(n) + extra[n] for n in keep),
             activation_bytes=act + max((extra[n] for n in streamed), default=0),

@@ -20,7 +20,8 @@ from hermesd.store.manifest import MANIFEST_NAME
 from hermesd.version import __version__
 
 PROFILE_NAME = "profile.json"
-PROFILE_VERSION = 4  # 2: activation peak includes decode; 3: decode compute from a second step; 4: compute_bytes
+PROFILE_VERSION = 5  # 2: activation peak includes decode; 3: decode compute from a second step; 4: compute_bytes
+# 5: idle-priority loader pass, peak slack, load() costs
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,15 @@ class Profile:
     causal: bool
     stages: list[StageCost]
     profile_seconds: float = 0.0
+    # The same pass with the loader on SCHED_IDLE: compute's slowdown, and how much longer its reads took
+    # (0: not measured; the planner then never plans idle loaders).
+    interference_idle: float = 0.0
+    idle_read_slowdown: float = 0.0
+    # Measured peak of the streamed reference pass minus the planner's peak for that plan (>= 0): what
+    # the model of memory misses (thread stacks and arenas, allocator slack); every plan adds it.
+    peak_slack_bytes: int = 0
+    skeleton_s: float = 0.0  # load(): building the model without weights
+    fault_gbps: float = 0.0  # load(): faulting fresh memory in, GB/s over all cores (0: not measured)
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
 

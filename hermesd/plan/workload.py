@@ -12,6 +12,7 @@ class Workload:
     prompt_tokens: int = 128
     new_tokens: int = 0
     batch: int = 1
+    one_shot: bool = False  # a process that loads, runs once and exits (``hermesd run``): load() counts
 
     @property
     def tokens(self) -> int:
@@ -23,7 +24,7 @@ class Workload:
         return 1 + max(self.new_tokens - 1, 0)
 
     def label(self) -> str:
-        return f"p{self.prompt_tokens}-n{self.new_tokens}-b{self.batch}"
+        return f"p{self.prompt_tokens}-n{self.new_tokens}-b{self.batch}" + ("-once" if self.one_shot else "")
 
     @classmethod
     def parse(cls, text: str) -> "Workload":

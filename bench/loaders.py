@@ -1,0 +1,138 @@
+"""Issue 15's targets on the suite's scenarios: are loads hidden, is the plan right, is load() cheap?
+
+    python -m bench.loaders [--scenarios bert-large,gpt2-xl,vit-large,llama-1b] [--repeats 3]
+
+Runs hermesd (the planner's one-shot plan for the cap), hermesd-k0, accelerate and the two bounds
+(io-only, compute-only) alternately, cold, each in a fresh capped process, through the suite's own
+machinery (bench.prepare, bench.suite), and reports per scenario, from medians:
+- hermesd load+run against max(io-only, compute-only) (target <= 1.05);
+- hermesd against hermesd-k0 and accelerate, load+run (target: not slower than either);
+- hermesd's own compute time (the stages' compute in its run) against compute-only (target <= 1.05);
+- hermesd's load() time and its resident read speed; peak RSS and cgroup peak against the cap;
+- whether every contender's output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import cgroup, scenarios
+from bench.cli import DEFAULT_DATA
+from bench.harness import machine_facts, median
+from bench.prepare import REPO_ROOT, prepare
+from bench.suite import Options, run_scenario
+
+CONTENDERS = ("hermesd", "hermesd-k0", "accelerate")
+BOUNDS = ("io-only", "compute-only")
+DEFAULT_SCENARIOS = "gpt2-xl,bert-large,vit-large,llama-1b"
+MIB = 1 << 20
+
+
+def _ok(runs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [r for r in runs if r["name"] == name and r.get("ok")]
+
+
+def _med(runs: list[dict[str, Any]], name: str, key: str) -> float | None:
+    return median(r[key] for r in _ok(runs, name) if r.get(key) is not None)
+
+
+def analyse(name: str, cap: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's ratios for one scenario, from the medians of its runs."""
+    total = {n: _med(runs, n, "total_s") for n in CONTENDERS}
+    io, compute = _med(runs, "io-only", "latency_s"), _med(runs, "compute-only", "latency_s")
+    own = median(r["stats"]["compute_s"] for r in _ok(runs, "hermesd"))
+    hermesd = total["hermesd"]
+    bound = max(io or 0.0, compute or 0.0) or None
+    outputs = {r["name"]: r.get("output_sha256") for r in runs if r.get("ok") and r["name"] != "io-only"}
+    peaks = [r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes", 0) for r in _ok(runs, "hermesd")]
+    result = {
+        "scenario": name, "cap_mib": cap / MIB, "load_run_s": total, "io_only_s": io, "compute_only_s": compute,
+        "hermesd_compute_s": own, "hermesd_wait_s": median(r["stats"]["wait_s"] for r in _ok(runs, "hermesd")),
+        "hermesd_load_s": _med(runs, "hermesd", "load_s"),
+        "plan": next((r["plan"] for r in _ok(runs, "hermesd")), None),
+        "peak_mib": max(peaks) / MIB if peaks else None,
+        "outputs_identical": len(set(outputs.values())) == 1 and None not in outputs.values(),
+        "rounds": len(_ok(runs, "hermesd")),
+    }
+    result["checks"] = {
+        "load+run <= 1.05 x max(io-only, compute-only)": _ratio(hermesd, bound, 1.05),
+        "plan <= hermesd-k0": _ratio(hermesd, total["hermesd-k0"], 1.0),
+        "plan <= accelerate": _ratio(hermesd, total["accelerate"], 1.0),
+        "own compute <= 1.05 x compute-only": _ratio(own, compute, 1.05),
+        "peak <= cap": _ratio(result["peak_mib"], cap / MIB, 1.0),
+        "outputs bit-identical": {"pass": result["outputs_identical"]},
+    }
+    return result
+
+
+def _ratio(value: float | None, reference: float | None, limit: float) -> dict[str, Any]:
+    if value is None or not reference:
+        return {"pass": None, "ratio": None}
+    ratio = value / reference
+    return {"pass": ratio <= limit, "ratio": round(ratio, 3)}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One table of medians, then PASS/MISS lines per scenario."""
+    lines = ["| scenario | hermesd load+run | k=0 | accelerate | io-only | compute-only | hermesd compute "
+             "| load() | peak / cap MiB | plan |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        t, plan = r["load_run_s"], r["plan"] or {}
+        plan_text = (f"k={plan.get('prefetch')}, {len(plan.get('resident', []))} resident, "
+                     f"{plan.get('loader_priority', '?')} loader") if plan else "-"
+        lines.append(f"| {r['scenario']} | {_s(t['hermesd'])} | {_s(t['hermesd-k0'])} | {_s(t['accelerate'])} "
+                     f"| {_s(r['io_only_s'])} | {_s(r['compute_only_s'])} | {_s(r['hermesd_compute_s'])} "
+                     f"| {_s(r['hermesd_load_s'])} | {_n(r['peak_mib'])} / {r['cap_mib']:,.0f} | {plan_text} |")
+    for r in results:
+        lines.append("")
+        lines.append(f"{r['scenario']} ({r['rounds']} round(s)):")
+        for check, verdict in r["checks"].items():
+            state = {True: "PASS", False: "MISS", None: "n/a"}[verdict["pass"]]
+            ratio = f" ({verdict['ratio']})" if verdict.get("ratio") is not None else ""
+            lines.append(f"- {check}{ratio}: {state}")
+    return "\n".join(lines)
+
+
+def _s(value: float | None) -> str:
+    return f"{value:.2f} s" if value is not None else "-"
+
+
+def _n(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default=DEFAULT_SCENARIOS)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    folder = args.results / f"loaders-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    options = Options(results=folder, threads=args.threads, timeout=args.timeout, airllm_python=None,
+                      airllm_reason="not a contender here", capped=cgroup.unavailable_reason() is None,
+                      contenders=CONTENDERS + BOUNDS, repeats=args.repeats, sweep=False)
+    results = []
+    for scenario in scenarios.select(scenarios.FULL, args.scenarios):
+        prepared = prepare(scenario, args.data, folder)
+        outcome = run_scenario(prepared, options, folder / scenario.name)
+        results.append(analyse(scenario.name, prepared.cap_bytes, outcome["runs"]))
+        (folder / "loaders.json").write_text(json.dumps({"machine": machine_facts(), "results": results},
+                                                        indent=1, default=str), encoding="utf-8")
+    print(markdown(results))
+    print(f"results: {folder / 'loaders.json'}" + ("" if options.capped else " (UNCAPPED: no cgroup controller)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
