@@ -71,16 +71,18 @@ def generate_round(client: Any, count: int, new: int) -> dict[str, Any]:
     started = time.perf_counter()
     jobs = [(client.submit("generate", "llama", _prompt(i), {"max_new_tokens": new}), time.perf_counter())
             for i in range(count)]
-    latencies, tokens, batches = [], 0, []
+    latencies, tokens, stats = [], 0, []
     for job, sent in jobs:
         result = job.result(3600)
         latencies.append(time.perf_counter() - sent)
         tokens += result["new_tokens"]
-        batches.append(result["stats"].get("batch", 1))
+        stats.append(result["stats"])
     wall = time.perf_counter() - started
+    last = max(stats, key=lambda s: s["wall_s"])  # the batch run's counters as its last member saw them
     return {"count": count, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
-            "batch_peak": max(batches)}
+            "batch_peak": max(s.get("batch", 1) for s in stats), "compute_s": last["compute_s"],
+            "wait_s": last["wait_s"]}
 
 
 def run_generate(stores: dict[str, Path], args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def run_generate(stores: dict[str, Path], args: argparse.Namespace, root: Path) 
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("wall_s", "tokens_per_s", "latency_median_s", "latency_max_s")
+    keys = ("wall_s", "tokens_per_s", "latency_median_s", "latency_max_s", "compute_s", "wait_s")
     return {**{k: statistics.median(r[k] for r in runs) for k in keys}, "tokens": runs[0]["tokens"],
             "batch_peak": max(r["batch_peak"] for r in runs), "walls": [round(r["wall_s"], 2) for r in runs]}
 
@@ -184,7 +186,8 @@ def _summary(report: dict[str, Any]) -> list[str]:
     for n, row in sorted(counts.items()):
         lines.append(f"  {n:3d} jobs: {row['wall_s']:7.1f} s ({row['wall_s'] / one:4.2f}x one job), "
                      f"{row['tokens_per_s']:6.2f} tokens/s, latency median {row['latency_median_s']:.1f} s, "
-                     f"max {row['latency_max_s']:.1f} s, batch peak {row['batch_peak']}  runs {row['walls']}")
+                     f"max {row['latency_max_s']:.1f} s, batch peak {row['batch_peak']}, compute {row['compute_s']:.1f} s, "
+                     f"waiting for loads {row['wait_s']:.1f} s  runs {row['walls']}")
     if "embed" in report:
         e = report["embed"]
         lines.append(f"embed, {e['jobs']} MiniLM jobs: together {e['together_s']:.2f} s, one after another "

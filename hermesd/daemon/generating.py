@@ -158,9 +158,15 @@ class _Loop:
         for job in taken:
             self.open[job.id] = job
         self.executor.admit(taken)
+        live = []
         for job in taken:
+            event = self.executor.ended(job)  # past its deadline while queued: it ends without a sweep
+            if event is not None:
+                self._leave(job, event)
+                continue
             self.executor.before_job(job)
-        return self._prepared(taken)
+            live.append(job)
+        return self._prepared(live)
 
     def _preempt_for_head(self) -> None:
         head = self.executor.jobs.head()
@@ -190,9 +196,11 @@ class _Admission:
         self.room = allowance(loop.host.plan) if loop.host.plan is not None else None
 
     def wanted(self, job: QueuedJob) -> bool:
-        if self.closed or not _compatible(job, self.loop.host) or self.loop.executor.stopped(job):
+        if self.closed or not _compatible(job, self.loop.host):
             self.closed = True  # the head is never skipped
             return False
+        if self.loop.executor.stopped(job):
+            return True  # taken to end at once (its deadline passed while it waited)
         if self.room is not None and not self._fits(job):
             self.closed = True
             return False
