@@ -41,6 +41,8 @@ def run_generate(executor: Any, first: QueuedJob, host: ModelHost) -> None:
 
 
 class _Loop:
+    """One batch on one model, from its first job until its last member leaves."""
+
     def __init__(self, executor: Any, host: ModelHost) -> None:
         self.executor = executor
         self.host = host
