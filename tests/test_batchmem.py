@@ -1,18 +1,20 @@
-"""A batch's memory (plan/batchmem) against a real batched cache, and DecodeBatch against solo generate,
-in process on the small random Llama store (word-level tokenizer)."""
+"""Batches in process on the small random stores (word-level tokenizers): a batch's memory (plan/batchmem)
+against a real batched cache, DecodeBatch against solo generate, merged one-pass jobs against solo runs."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 
 from hermesd.decodebatch import DecodeBatch, prepare
 from hermesd.engine import Engine
+from hermesd.onepass import merge_key, run_merged
 from hermesd.plan.batchmem import allowance, batch_bytes, kv_bytes_per_token, max_batch
 from hermesd.plan.workload import Workload
 from hermesd.planning import resolve
-from hermesd.tasks import GenerateParams, generate
+from hermesd.tasks import GenerateParams, classify, forward, generate
 
 PROMPTS = ["w5 w17 w230 w42", "w9", "w300 w301 w302 w303 w304 w305 w306", "w77 w78"]
 NEW = [6, 3, 5, 4]
@@ -82,3 +84,24 @@ def test_the_largest_batch_is_derived_from_what_the_budget_leaves(daemon_stores)
         assert rows == 1 or batch_bytes(manifest, rows, 24, 1, 16) <= allowance(plan)
         assert batch_bytes(manifest, rows + 1, 24, 1, 16) > allowance(plan)
     assert max_batch(manifest, large, 16, 8, limit=3) == min(3, sizes[1])
+
+
+def test_one_pass_jobs_merged_into_one_batch_get_exactly_their_own_results(engine, daemon_stores):
+    ids_jobs = [([[5, 6, 7]], {}), ([[8, 9, 10], [11, 12, 13]], {})]
+    assert merge_key(engine, "forward", *ids_jobs[0]) == merge_key(engine, "forward", *ids_jobs[1])
+    assert merge_key(engine, "forward", [[5, 6]], {}) != merge_key(engine, "forward", *ids_jobs[0])  # length
+    for merged, (inputs, _) in zip(run_merged(engine, "forward", ids_jobs), ids_jobs):
+        alone = forward(engine, inputs)["outputs"]["logits"]
+        assert merged["outputs"]["logits"]["shape"] == alone["shape"]
+        torch.testing.assert_close(torch.tensor(merged["outputs"]["logits"]["values"]), torch.tensor(alone["values"]),
+                                   atol=1e-5, rtol=0)
+    store = daemon_stores["bert-cls"]
+    with Engine.open(store, resolve(store, None, Workload(16)).plan) as bert:
+        jobs = [(["w5 w6 w7 w8", "w9"], {"top_k": 2}), ("w10 w11", {"top_k": 2})]
+        assert merge_key(bert, "classify", *jobs[0]) == merge_key(bert, "classify", *jobs[1])
+        assert merge_key(bert, "classify", "w1", {"top_k": 1}) != merge_key(bert, "classify", *jobs[1])
+        for merged, (inputs, params) in zip(run_merged(bert, "classify", jobs), jobs):
+            alone = classify(bert, inputs, **params)["labels"]
+            assert [[x["label"] for x in row] for row in merged["labels"]] == [[x["label"] for x in row] for row in alone]
+            scores = [[[x["score"] for x in row] for row in result] for result in (merged["labels"], alone)]
+            torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(scores[1]), atol=1e-5, rtol=0)
