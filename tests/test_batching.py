@@ -4,6 +4,7 @@ of generate (SmolLM2, fp32), each job's result compared with the same job run al
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 from daemon_support import start_daemon, wait_for_state, write_config
@@ -20,9 +21,12 @@ MAX_BATCH = 3
 
 
 def _config(root, smollm2, minilm):
+    (root / "temp").write_text("45000\n")  # a thermal source the watchdog test writes (millidegrees)
     write_config(root, {"smollm2": {"store": smollm2[1], "memory_budget": "800MiB", "max_new_tokens": 64,
                                     "max_prompt_tokens": 128, "max_batch": MAX_BATCH},
-                        "minilm": {"store": minilm[1], "prefetch": 2}})
+                        "minilm": {"store": minilm[1], "prefetch": 2}},
+                 thermal={"paths": [str(root / "temp")], "soft_c": 75.0, "hard_c": 82.0, "critical_c": 90.0,
+                          "hysteresis_c": 5.0})
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +130,27 @@ def test_a_higher_priority_job_takes_a_full_batchs_place_at_the_next_step(daemon
     assert [r["attempts"] for r in records] == [1, 1, 2]  # the newest low job gave up its place, ran again
     assert record["started"] < records[0]["finished"]  # it joined while the longest low job was decoding
     assert records[-1]["finished"] > record["finished"]
+
+
+def test_a_watchdog_hold_pauses_the_whole_batch_and_it_resumes_as_if_alone(daemon, solo):
+    client = daemon.client(timeout=120)
+    jobs = [client.submit("generate", "smollm2", PROMPTS[i], {"max_new_tokens": TOKENS[i]}, progress=True)
+            for i in (0, 2)]
+    for event in jobs[-1].progress(timeout=120):
+        if event["tokens"] >= 1:
+            break
+    (daemon.root / "temp").write_text("85000\n")  # hard: execution holds between stages
+    deadline = time.monotonic() + 30
+    while not client.status()["watchdogs"]["actions"]["execution_held"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2.0)
+    assert all(client.job(job.id)["state"] == "running" for job in jobs)
+    (daemon.root / "temp").write_text("50000\n")
+    for index, job in zip((0, 2), jobs):
+        result = job.result(300)
+        _same(result, solo[PROMPTS[index]])
+        assert result["stats"]["paused_s"] >= 1.5 and result["stats"]["batch"] == 2
 
 
 def test_kill_9_during_a_batched_step_completes_every_job_once_after_restart(daemon, solo, smollm2, minilm):
