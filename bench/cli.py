@@ -30,6 +30,7 @@ from bench import cgroup, plots, scenarios, suite_report
 from bench.harness import machine_facts, median
 from bench.prepare import REPO_ROOT, Prepared, prepare
 from bench.suite import Options, find_airllm, run_scenario
+from hermesd import progressbar
 
 MIB = 1 << 20
 DEFAULT_DATA = Path(os.environ.get("HERMESD_BENCH_DATA", "/work/benchdata"))
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: small real models, one round, short inputs")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of markdown")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (transformers' included); the "
+                                                             "per-run lines still go to stderr")
     parser.add_argument("--scenarios", help="comma-separated subset (default: all of the mode)")
     parser.add_argument("--contenders", help="comma-separated subset of contenders and bounds")
     parser.add_argument("--repeats", type=int, help="rounds per scenario (default: each scenario's own)")
@@ -138,6 +141,7 @@ def make_plots(results: list[dict[str, Any]], outcomes: list[dict[str, Any]], fo
 def main(argv: list[str]) -> int:
     """Entry point of ``hermesd bench``; returns the exit status."""
     args = _parser().parse_args(argv)
+    bars = progressbar.configure(args.quiet)  # bars only on a terminal; prepare's conversions load transformers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         chosen = scenarios.select(scenarios.quick() if args.quick else scenarios.FULL, args.scenarios)
@@ -158,7 +162,7 @@ def main(argv: list[str]) -> int:
     options = Options(results=folder, threads=args.threads, timeout=args.timeout, airllm_python=airllm_python,
                       airllm_reason=airllm_reason, capped=cap_reason is None,
                       contenders=tuple(args.contenders.split(",")) if args.contenders else None,
-                      repeats=args.repeats, sweep=not args.no_sweep)
+                      repeats=args.repeats, sweep=not args.no_sweep, bars=bars)
     if airllm_reason:
         print(f"[bench] AirLLM skipped: {airllm_reason}", file=sys.stderr)
     facts = machine_facts()

@@ -1,6 +1,9 @@
 """Microbenchmark of the quantized-Linear paths (hermesd.quant) on this CPU, with 2 threads.
 
-    python -m bench.quant_kernels [--json] [--sections kernels,crossover,load,compile,errors] [--quick]
+    python -m bench.quant_kernels [--json] [--sections int4,kernels,crossover,load,compile,errors] [--quick]
+
+int4:      hermesd's own int4 kernel (hermesd/quant/native) against torch's on the same stored bytes,
+           M = 1..32 rows, 1 and 2 threads: median/min ms, weight GB/s, max error against fp32.
 
 kernels:   median/min ms and weight GB/s (stored bytes / median) for float F.linear (fp32, bf16) and
            every quantized format, M=1 and M=128, fp32 and bf16 inputs; for M=1 both the path the
@@ -27,10 +30,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from hermesd.quant import fastint4
 from hermesd.quant.cpu import cpu_flags, default_policy
 from hermesd.quant.ggml_blocks import BLOCK_FORMATS
 from hermesd.quant.int4pack import _torch_convert, from_kernel_layout, kernel_layout, to_kernel_layout
-from hermesd.quant.kernels import DENSE, prepare_int4, prepare_int4x2
+from hermesd.quant.kernels import DENSE, prepare_int4, prepare_int4x2, with_kernel_table
 from hermesd.quant.linear import QuantLinear
 from hermesd.quant.quantizer import quantize, relative_rms_error
 from hermesd.quant.qweight import QuantizedWeight, QuantMeta, expected_dtypes, expected_shapes
@@ -159,6 +163,31 @@ def bench_crossover(shape: tuple[int, int], reps: int) -> list[dict[str, object]
                 x = torch.randn(m, k).to(dt)
                 for label, mod in (("kernel", kernel), ("dense", dense)):
                     rows.append(_row(shape, m, fmt, label, dt, qw.nbytes, timeit(lambda: mod(x), reps)))
+    return rows
+
+
+def bench_int4(shapes: list[tuple[int, int]], reps: int) -> list[dict[str, object]]:
+    """hermesd's int4 kernel against torch's, same codes and bf16 table, by rows and threads."""
+    rows: list[dict[str, object]] = []
+    if not fastint4.available():
+        return [{"skipped": "hermesd's int4 kernel is not built here or the CPU lacks AVX2/FMA"}]
+    for n, k in shapes:
+        stored = with_kernel_table(quantize(torch.randn(n, k) * 0.02, "int4", 32), torch.bfloat16)  # as convert writes it
+        weight, prep = stored.dequantize(torch.float32), prepare_int4(stored, torch.bfloat16)
+        nbytes = prep.packed.numel() + prep.scales.numel() * 2
+        for m in (1, 2, 4, 8, 16, 32):
+            x = torch.randn(m, k)
+            exact = x @ weight.t()
+            ours = lambda: fastint4.int4_gemm(x, prep.packed, prep.scales, 32)  # noqa: E731
+            theirs = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                x.to(torch.bfloat16), prep.packed, 32, prep.scales)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for label, fn in (("hermesd", ours), ("torch", theirs)):
+                    err = (fn().float() - exact).abs().max().item() / exact.abs().max().item()
+                    rows.append({**_row((n, k), m, "int4 g32", label, torch.float32, nbytes, timeit(fn, reps)),
+                                 "threads": threads, "max_rel_err": float(f"{err:.2e}")})
+    torch.set_num_threads(2)
     return rows
 
 
@@ -304,7 +333,7 @@ def _print_table(title: str, rows: list[dict[str, object]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    parser.add_argument("--sections", default="kernels,crossover,load,compile,errors")
+    parser.add_argument("--sections", default="int4,kernels,crossover,load,compile,errors")
     parser.add_argument("--quick", action="store_true", help="first shape only, fewer repetitions")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--shapes", help="comma-separated NxK (out x in) instead of the default three")
@@ -315,7 +344,7 @@ def main() -> int:
         shapes = [(int(a), int(b)) for a, b in (s.split("x") for s in args.shapes.split(","))]
     reps = 5 if args.quick else args.reps
     runners: dict[str, Callable[[], list[dict[str, object]]]] = {
-        "kernels": lambda: bench_kernels(shapes, reps), "crossover": lambda: bench_crossover(SHAPES[0], reps),
+        "int4": lambda: bench_int4(shapes, reps), "kernels": lambda: bench_kernels(shapes, reps), "crossover": lambda: bench_crossover(SHAPES[0], reps),
         "load": lambda: bench_load(SHAPES[2], max(3, reps // 3)), "compile": lambda: bench_compile(shapes, reps),
         "errors": bench_errors}
     result: dict[str, object] = {"environment": environment()}

@@ -112,6 +112,14 @@ def _write_gguf(path: Path, qtype: str, config: Path | None = None) -> None:
 
 
 STORES = ("bf16", "int8", "int4", "q4_0", "q8_0")
+# A contender named "<store>/torch" runs that store with torch's int4 kernel instead of hermesd's own
+# (HERMESD_INT4_KERNEL=torch), so the two kernels are compared on the same bytes in the same run.
+TORCH_KERNEL = "/torch"
+
+
+def contender_env(name: str) -> dict[str, str] | None:
+    """The child's environment for a contender (``None``: inherit)."""
+    return {**os.environ, "HERMESD_INT4_KERNEL": "torch"} if name.endswith(TORCH_KERNEL) else None
 
 
 def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
@@ -137,7 +145,7 @@ def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
 
 
 def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800, prompt: int = PROMPT,
-            new: int = NEW, fit_workload: bool = False) -> dict[str, Any]:
+            new: int = NEW, fit_workload: bool = False, env: dict[str, str] | None = None) -> dict[str, Any]:
     """One cold run of ``store`` in a fresh child, under a cgroup cap of ``cap`` bytes (None: uncapped).
 
     The child plans for the default workload (a 512-token prompt), or with ``fit_workload`` for
@@ -146,9 +154,9 @@ def run_one(store: Path, budget: str, cap: int | None, timeout: float = 1800, pr
     evict(weight_files(store))
     command = [sys.executable, "-c", CHILD, str(store), budget, str(prompt), str(new), *(["fit"] if fit_workload else [])]
     if cap is None:
-        return run_json_child(command, timeout, cwd=ROOT)
+        return run_json_child(command, timeout, cwd=ROOT, env=env)
     with MemoryGroup(cap) as group:
-        result = run_json_child(command, timeout, cwd=ROOT, preexec_fn=group.join)
+        result = run_json_child(command, timeout, cwd=ROOT, env=env, preexec_fn=group.join)
         record = group.record()
     return {**result, "group_peak_bytes": record.peak_bytes, "oom_kills": record.oom_kills}
 
@@ -204,17 +212,18 @@ def memory_gbps(size: int = 1 << 30) -> float:
 
 
 def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, ...] = STORES) -> dict[str, Any]:
-    stores = prepare(work, names)
+    made = prepare(work, tuple(dict.fromkeys(n.removesuffix(TORCH_KERNEL) for n in names)))
+    stores = {name: made[name.removesuffix(TORCH_KERNEL)] for name in names}
     read_gbps = cold_read_gbps(stores["bf16"])
     capped: dict[str, list[dict[str, Any]]] = {name: [] for name in stores}
     for round_number in range(rounds):  # alternate contenders, so drift hits them alike
         for name, store in stores.items():
             print(f"round {round_number + 1}/{rounds}: {name} under {format_size(cap)}", file=sys.stderr, flush=True)
-            capped[name].append(run_one(store, budget, cap))
+            capped[name].append(run_one(store, budget, cap, env=contender_env(name)))
     uncapped = {}
     for name, store in stores.items():
         print(f"uncapped, automatic budget: {name}", file=sys.stderr, flush=True)
-        uncapped[name] = run_one(store, "auto", None)
+        uncapped[name] = run_one(store, "auto", None, env=contender_env(name))
     summary = {name: summarise(runs, read_gbps) for name, runs in capped.items()}
     for name, store in stores.items():
         summary[name]["store_bytes"] = sum(p.stat().st_size for p in weight_files(store))
@@ -266,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default="680MiB", help="process budget each child plans with")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stores", default=",".join(STORES),
-                        help=f"comma-separated subset of {','.join(STORES)} (bf16 is always run: the baseline)")
+                        help=f"comma-separated subset of {','.join(STORES)}, each optionally with the suffix "
+                             f"{TORCH_KERNEL} (torch's int4 kernel in place of hermesd's); bf16 is always run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    names = tuple(dict.fromkeys(["bf16", *(n for n in args.stores.split(",") if n in STORES)]))
+    wanted = args.stores.split(",")
+    names = tuple(dict.fromkeys(["bf16", *(n for n in wanted if n.removesuffix(TORCH_KERNEL) in STORES)]))
     if (why := unavailable_reason()) is not None:
         print(f"bench.quantized: {why}", file=sys.stderr)
         return 1

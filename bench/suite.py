@@ -20,6 +20,7 @@ from bench import cgroup
 from bench.harness import children_cpu_s, cpu_busy_s, cpu_steal_s, make_cold, run_json_child
 from bench.prepare import REPO_ROOT, Prepared, ensure_airllm_split, plans_for
 from bench.scenarios import BOUNDS
+from hermesd import progressbar
 
 MIB = 1 << 20
 
@@ -38,6 +39,8 @@ class Options:
     repeats: int | None = None  # override of each scenario's rounds
     sweep: bool = True
     log: Any = field(default=sys.stderr)
+    bars: bool = False  # a progress bar of each scenario's runs (on a terminal; hermesd.progressbar)
+    bar: Any = None  # the scenario's bar while it runs
 
 
 def find_airllm(python: str | None) -> tuple[str | None, str | None]:
@@ -111,7 +114,11 @@ def run_one(name: str, prepared: Prepared, options: Options, cap: int, plans: di
         result.update(base, resident_before_bytes=resident, steal_s=cpu_steal_s() - steal,
                       foreign_cpu_s=max(foreign, 0.0))
     (folder / f"{tag}-{name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print(progress(prepared.scenario.name, result), file=options.log, flush=True)
+    if options.bar is not None:
+        options.bar.write(progress(prepared.scenario.name, result))
+        options.bar.advance(f"{tag} {name}")
+    else:
+        print(progress(prepared.scenario.name, result), file=options.log, flush=True)
     return result
 
 
@@ -140,12 +147,19 @@ def run_scenario(prepared: Prepared, options: Options, folder: Path) -> dict[str
             names.remove("airllm")
             options.log.write(f"[{scenario.name}] AirLLM could not split the model: {split.get('error')}\n")
     repeats = options.repeats or scenario.repeats
-    runs = [run_one(name, prepared, options, prepared.cap_bytes, prepared.plans, folder, f"r{round_no}")
-            for round_no in range(repeats) for name in names]
-    sweep: list[dict[str, Any]] = []
-    if options.sweep and options.capped:
-        for cap in scenario.sweep_caps:
+    swept = [n for n in names if n not in BOUNDS and n != "airllm"]  # AirLLM has no budget knob
+    caps = scenario.sweep_caps if options.sweep and options.capped else []
+    if options.bars:
+        options.bar = progressbar.StageBar(scenario.name, repeats * len(names) + len(caps) * len(swept), unit="run")
+    try:
+        runs = [run_one(name, prepared, options, prepared.cap_bytes, prepared.plans, folder, f"r{round_no}")
+                for round_no in range(repeats) for name in names]
+        sweep: list[dict[str, Any]] = []
+        for cap in caps:
             plans = plans_for(prepared.store, scenario, cap, folder)
-            sweep += [run_one(name, prepared, options, cap, plans, folder, f"sweep{cap // MIB}M")
-                      for name in names if name not in BOUNDS and name != "airllm"]  # AirLLM has no budget knob
+            sweep += [run_one(name, prepared, options, cap, plans, folder, f"sweep{cap // MIB}M") for name in swept]
+    finally:
+        if options.bar is not None:
+            options.bar.close()
+            options.bar = None
     return {"names": names, "repeats": repeats, "runs": runs, "sweep": sweep}

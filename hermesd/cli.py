@@ -21,6 +21,9 @@ from hermesd.units import format_size
 from hermesd.version import __version__
 
 EXIT_ERROR = 1
+# info, plan and run size memory for one workload definition (hermesd.plan.workload.DEFAULT_WORKLOAD);
+# the daemon uses each model's max_prompt_tokens:max_new_tokens.
+WORKLOAD_HELP = "PROMPT[:NEW[:BATCH]] tokens the plan must fit (default 512:0; the daemon: max_prompt_tokens:max_new_tokens)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_info(commands) -> None:
     info = commands.add_parser("info", help="show a store's stages, sizes and minimum memory budget")
     info.add_argument("store", type=Path)
+    info.add_argument("--workload", type=_workload, help=WORKLOAD_HELP)
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=_cmd_info)
 
@@ -79,6 +83,7 @@ def _add_profile(commands) -> None:
     profile.add_argument("store", type=Path)
     profile.add_argument("--tokens", type=_at_least(16), default=128, help="reference prompt length (default 128)")
     profile.add_argument("--force", action="store_true", help="measure again even if the saved profile is fresh")
+    profile.add_argument("--quiet", action="store_true", help="no progress bar or lines (transformers' bars too)")
     profile.add_argument("--json", action="store_true")
     profile.set_defaults(handler=_cmd_profile)
 
@@ -87,7 +92,7 @@ def _add_plan(commands) -> None:
     plan = commands.add_parser("plan", help="choose the fastest plan under a memory budget (Pipeline Planner)")
     plan.add_argument("store", type=Path)
     plan.add_argument("--memory-budget", required=True, help="process memory budget, e.g. 512MiB, or 'auto'")
-    plan.add_argument("--workload", default="128", help="PROMPT[:NEW[:BATCH]] tokens (default 128)")
+    plan.add_argument("--workload", type=_workload, help=WORKLOAD_HELP)
     plan.add_argument("--prefetch", type=_at_least(0), help="consider only this prefetch depth")
     plan.add_argument("--explain", action="store_true", help="say why: the bound, marginal value, other budgets")
     plan.add_argument("--json", action="store_true")
@@ -101,6 +106,7 @@ def _add_run(commands) -> None:
     run.add_argument("--task", required=True, choices=TASK_NAMES)
     run.add_argument("--input", action="append", default=[], dest="more_inputs", help="an input (repeatable)")
     _engine_options(run)
+    run.add_argument("--workload", type=_workload, help=WORKLOAD_HELP + "; a saved plan's own if one exists")
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-p", type=float, default=1.0)
@@ -151,6 +157,15 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loaders", type=_at_least(1), help="loader threads (default: one per prefetched stage)")
 
 
+def _workload(text: str):
+    from hermesd.plan.workload import Workload
+
+    try:
+        return Workload.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _at_least(minimum: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -161,22 +176,21 @@ def _at_least(minimum: int):
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from hermesd import memory
     from hermesd.engine.reader import StageReader
-    from hermesd.plan.budget import fit_plan
+    from hermesd.planning import minimum_budget
     from hermesd.store.manifest import Manifest
 
     manifest = Manifest.load(args.store)
     reader = StageReader(args.store, manifest)
-    minimum = fit_plan(manifest, reader.span, memory.rss_bytes(), prefetch=0,
-                       resident=[s.name for s in manifest.stages if s.kind == "pinned"])
+    minimum = minimum_budget(args.store, args.workload)  # the figure plan, run and serve refuse below
     # One token's pass with nothing resident reads every streamed stage once (gathered rows aside).
     per_token = sum(reader.read_bytes(s.name) for s in manifest.stages if s.kind != "pinned")
     quantized = sorted({f for s in manifest.stages for f in s.quant_formats})
     if args.json:
         print(json.dumps({"architecture": manifest.architecture, "dtype": manifest.dtype,
                           "format_version": manifest.format_version, "quantized": quantized,
-                          "weight_bytes": manifest.weight_bytes(), "minimum_budget": minimum.peak_bound,
+                          "weight_bytes": manifest.weight_bytes(), "minimum_budget": minimum.bytes,
+                          "minimum_workload": minimum.workload.label(), "minimum_source": minimum.source,
                           "streamed_bytes_per_token": per_token, "read_mode": reader.read_mode,
                           "stages": [{"name": s.name, "kind": s.kind, "bytes": reader.read_bytes(s.name),
                                       "tied": sorted(s.tied), "gather": s.gather, "quant": s.quant_formats}
@@ -186,7 +200,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"{manifest.architecture} ({manifest.model_type}, {manifest.dtype} compute, {weights} weights): "
           f"{len(manifest.stages)} stages, {format_size(manifest.weight_bytes())} of weights; read mode {reader.read_mode}")
     print(f"streamed per token (nothing resident): {format_size(per_token)}")
-    print(f"minimum memory budget (no prefetch): {format_size(minimum.peak_bound)}")
+    work = minimum.workload
+    print(f"minimum memory budget for a {work.prompt_tokens}-token prompt and {work.new_tokens} new tokens "
+          f"(no prefetch; {_SOURCES[minimum.source]}): {format_size(minimum.bytes)}")
     for stage in manifest.stages:
         extra = "".join([f" quant:{','.join(stage.quant_formats)}" if stage.quant else "",
                          f" tied:{','.join(stage.tied)}" if stage.tied else "",
@@ -195,17 +211,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_of(store: Path, force: bool = False, tokens: int = 128):
-    from hermesd.planning import obtain_profile
-
-    return obtain_profile(store, "force" if force else "if-missing", reference_tokens=tokens,
-                          progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+_SOURCES = {"profile": "from the profile", "estimate": "estimated: no fresh profile, `hermesd profile` measures"}
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    profile = _profile_of(args.store, args.force, args.tokens)
+    from hermesd import progressbar
+
+    bars = progressbar.configure(args.quiet)
+    from hermesd.planning import obtain_profile
+    from hermesd.profiling import profile_passes
+    from hermesd.store.manifest import Manifest
+
+    mode = "force" if args.force else "if-missing"
+    if bars:
+        manifest = Manifest.load(args.store)
+        sizes = {s.name: s.bytes for s in manifest.stages}
+        with progressbar.StageBar(f"profiling {args.store.name}", profile_passes(manifest) * len(sizes)) as bar:
+            profile = obtain_profile(args.store, mode, args.tokens, progress=bar.describe,
+                                     on_stage=lambda name: bar.advance(name, sizes.get(name, 0)))
+    else:
+        say = None if args.quiet else (lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+        profile = obtain_profile(args.store, mode, args.tokens, progress=say)
     if args.json:
         print(json.dumps(asdict(profile)))
         return 0
@@ -223,10 +251,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from hermesd.plan.planner import describe, explain
     from hermesd.plan.saved import save_plan
-    from hermesd.plan.workload import Workload
+    from hermesd.plan.workload import DEFAULT_WORKLOAD
     from hermesd.planning import resolve
 
-    workload = Workload.parse(args.workload)
+    workload = args.workload or DEFAULT_WORKLOAD
     depths = range(args.prefetch, args.prefetch + 1) if args.prefetch is not None else range(5)
     resolved = resolve(args.store, args.memory_budget, workload, profile="if-missing", depths=depths, use_saved=False,
                        progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
@@ -250,7 +278,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise HermesError("give at least one input (positional or --input)")
     resident = args.resident if args.resident in (None, "all") else [s for s in args.resident.split(",") if s]
     with load(args.store, memory_budget=args.memory_budget, prefetch=args.prefetch,
-                      resident=resident, loaders=args.loaders) as engine:
+                      resident=resident, loaders=args.loaders, workload=args.workload) as engine:
         if args.task == "generate":
             inputs = " ".join(inputs)
         result = run_task(engine, args.task, inputs, _task_params(args))

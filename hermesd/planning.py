@@ -9,6 +9,10 @@ The CLI (``run``, ``plan``, ``profile``), the daemon and ``hermesd.load`` all co
   Pipeline Planner's choice from the profile;
 - a budget and no profile: the fit, unless ``profile="if-missing"`` measures one first.
 
+A budget below the model's minimum is refused by one rule for every caller (``minimum_budget``):
+``hermesd info``, ``plan``, ``run``, ``serve`` and ``hermesd.load`` all quote the same figure for the
+same workload and profile.
+
 The profile is read (or measured) once per decision. This module sits above the engine because
 measuring a profile runs it.
 """
@@ -23,8 +27,9 @@ from typing import Callable, Literal
 from hermesd import memory
 from hermesd.engine.engine import Engine
 from hermesd.engine.reader import StageReader
-from hermesd.plan.budget import Plan, fit_plan
-from hermesd.plan.planner import Prediction, choose_plan
+from hermesd.errors import BudgetError
+from hermesd.plan.budget import Plan, breakdown, fit_plan
+from hermesd.plan.planner import Prediction, choose_plan, minimum_plan
 from hermesd.plan.profile import Profile, load_fresh_profile, profile_path
 from hermesd.plan.saved import saved_plan
 from hermesd.plan.workload import DEFAULT_WORKLOAD, Workload
@@ -69,6 +74,50 @@ def auto_budget(reading: MemoryReading | None = None) -> int:
     return int(min(memory.rss_bytes() + max(free - margin, 0), reading.limit_bytes * AUTO_LIMIT_SHARE))
 
 
+@dataclass(frozen=True)
+class Minimum:
+    """The smallest budget a store runs a workload under, and where the figure comes from.
+
+    source: "profile" (a fresh saved profile: measured runtime and activations, the figure the daemon
+    and the planner use) or "estimate" (no fresh profile: this process's memory plus a margin, and
+    activations estimated from the model's config, as the fit uses).
+    """
+
+    bytes: int
+    workload: Workload
+    source: str
+    detail: str
+
+    def refuse(self, budget: int) -> None:
+        """Raise BudgetError when ``budget`` is below this minimum."""
+        if budget < self.bytes:
+            raise BudgetError(budget, self.bytes, f"a {self.workload.prompt_tokens}-token prompt and "
+                                                  f"{self.workload.new_tokens} new tokens need {self.detail}; "
+                                                  f"give at least {self.bytes} bytes")
+
+
+def minimum_budget(store_dir: str | os.PathLike[str], workload: Workload | None = None,
+                   profile: ProfileMode = "if-fresh") -> Minimum:
+    """The minimum budget of a store for ``workload`` (default DEFAULT_WORKLOAD): no prefetch, only
+    pinned stages resident. From the fresh profile when there is one, else estimated."""
+    store_dir = Path(store_dir)
+    manifest = Manifest.load(store_dir)
+    measured = obtain_profile(store_dir, profile)
+    return _minimum(store_dir, manifest, measured, workload or DEFAULT_WORKLOAD)
+
+
+def _minimum(store_dir: Path, manifest: Manifest, measured: Profile | None, workload: Workload,
+             direct_io: bool | None = None) -> Minimum:
+    if measured is not None:
+        plan, source = minimum_plan(measured, workload), "profile"
+    else:
+        reader = StageReader(store_dir, manifest, direct=direct_io)
+        pinned = [s.name for s in manifest.stages if s.kind == "pinned"]
+        plan = fit_plan(manifest, reader.span, memory.rss_bytes(), prefetch=0, resident=pinned, workload=workload)
+        source = "estimate"
+    return Minimum(plan.peak_bound, workload, source, breakdown(plan))
+
+
 def budget_bytes_for(budget: int | str | None, explicit: bool) -> int | None:
     """Bytes for a budget as given: a size, "auto", or None (auto unless explicit settings stand alone)."""
     if budget == AUTO or (budget is None and not explicit):
@@ -77,11 +126,12 @@ def budget_bytes_for(budget: int | str | None, explicit: bool) -> int | None:
 
 
 def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_tokens: int = 128,
-                   progress: ProgressFn | None = None) -> Profile | None:
+                   progress: ProgressFn | None = None, on_stage: Callable[[str], None] | None = None) -> Profile | None:
     """The store's profile: the saved one while fresh; measured (and saved) when ``mode`` asks for it.
 
     never: None. if-fresh: the fresh saved profile or None. if-missing: measure when none is fresh.
     force: always measure. A profile that cannot be saved is still returned (the reason goes to progress).
+    on_stage: see ``profile_store`` (progress bars).
     """
     if mode == "never":
         return None
@@ -90,7 +140,7 @@ def obtain_profile(store_dir: Path, mode: ProfileMode = "if-fresh", reference_to
         return profile
     say = progress or (lambda message: None)
     say(f"profiling {store_dir} (a few passes over the model)")
-    profile = profile_store(store_dir, reference_tokens=reference_tokens, progress=say)
+    profile = profile_store(store_dir, reference_tokens=reference_tokens, progress=say, on_stage=on_stage)
     try:
         profile.save(profile_path(store_dir))
     except OSError as exc:
@@ -116,10 +166,12 @@ def resolve(store_dir: str | os.PathLike[str], budget: int | str | None = None, 
     explicit = prefetch is not None or resident is not None or loaders is not None
     budget_bytes = budget_bytes_for(budget, explicit)
     measured = None if budget_bytes is None or explicit else obtain_profile(store_dir, profile, progress=progress)
+    saved = saved_plan(store_dir, budget_bytes, workload, manifest) if use_saved and measured else None
+    if saved is not None:
+        return Resolved(saved, "saved plan", measured)
+    if budget_bytes is not None:
+        _minimum(store_dir, manifest, measured, workload or DEFAULT_WORKLOAD, direct_io).refuse(budget_bytes)
     if measured is not None:
-        saved = saved_plan(store_dir, budget_bytes, workload, manifest) if use_saved else None
-        if saved is not None:
-            return Resolved(saved, "saved plan", measured)
         prediction = choose_plan(measured, budget_bytes, workload or DEFAULT_WORKLOAD,
                                  depths if depths is not None else range(5))
         return Resolved(prediction.plan, "planner", measured, prediction)

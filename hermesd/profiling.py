@@ -30,19 +30,27 @@ BUFFERED_SAMPLE_BYTES = 512 << 20
 ProgressFn = Callable[[str], None]
 
 
+def profile_passes(manifest: Manifest) -> int:
+    """Passes over the model ``profile_store`` makes: five for causal LMs, three for the others."""
+    return 5 if manifest.architecture.endswith(("ForCausalLM", "LMHeadModel")) else 3
+
+
 def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128,
-                  progress: ProgressFn | None = None) -> Profile:
-    """Measure a store on this machine in three (encoders) or five (causal LMs) passes over the model."""
+                  progress: ProgressFn | None = None, on_stage: Callable[[str], None] | None = None) -> Profile:
+    """Measure a store on this machine in ``profile_passes`` passes over the model.
+
+    progress: told what each pass is; on_stage: called with each stage's name as it runs (progress bars).
+    """
     store_dir = Path(store_dir)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     manifest = Manifest.load(store_dir)
-    with _open(store_dir, manifest, prefetch=0) as engine:
+    with _open(store_dir, manifest, prefetch=0, on_stage=on_stage) as engine:
         runtime = memory.rss_bytes() - engine.plan.pool_bytes
         causal = engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))
         baseline = memory.rss_bytes()
         no_cache = {"use_cache": False} if causal else {}  # the KV cache is planned for separately
-        passes = 5 if causal else 3
+        passes = profile_passes(manifest)
         say(f"pass 1/{passes}: warm-up")
         warm_stats, cache = _pass(engine, store_dir, _inputs(engine, 8), **({"use_cache": True} if causal else {}))
         small_peak = warm_stats.peak_rss_bytes - baseline
@@ -61,7 +69,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         spans = {entry.name: engine.reader.span(entry.name) for entry in manifest.stages}
         direct = engine.reader.direct
     say(f"pass {passes}/{passes}: {reference_tokens}-token prompt while a loader reads")
-    with _open(store_dir, manifest, prefetch=1) as engine:
+    with _open(store_dir, manifest, prefetch=1, on_stage=on_stage) as engine:
         overlapped, _ = _pass(engine, store_dir, _inputs(engine, reference_tokens), **no_cache)
     say("buffered read speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
@@ -82,10 +90,12 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
 
 
-def _open(store_dir: Path, manifest: Manifest, prefetch: int) -> Engine:
+def _open(store_dir: Path, manifest: Manifest, prefetch: int, on_stage: Callable[[str], None] | None = None) -> Engine:
     """The store with nothing resident and ``prefetch`` stages read ahead (the measuring setups)."""
     plan = fit_plan(manifest, StageReader(store_dir, manifest).span, memory.rss_bytes(), prefetch=prefetch)
-    return Engine.open(store_dir, plan)
+    engine = Engine.open(store_dir, plan)
+    engine.set_checkpoint(on_stage)
+    return engine
 
 
 def _pass(engine: Engine, store_dir: Path, inputs: dict, **options) -> tuple[RunStats, object]:

@@ -18,6 +18,7 @@ from hermesd.decoding import StepControl
 from hermesd.engine.engine import Engine
 from hermesd.errors import TaskError
 from hermesd.images import ImagePolicy, open_images
+from hermesd.textstream import TextStream
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,19 @@ MAX_INPUTS = 256  # texts or images in one job
 
 def run_task(engine: Engine, task: str, inputs: Any, params: dict[str, Any] | None = None,
              on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None,
-             images: ImagePolicy = ImagePolicy()) -> dict[str, Any]:
+             images: ImagePolicy = ImagePolicy(), on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Dispatch ``task`` with ``inputs`` and keyword ``params``; unknown params are refused.
 
     ``check`` is called after tokenizing and after each generated token; it may raise to end the job
     (the daemon's cancel and deadline), as the engine's stage checkpoints do between stages.
     ``images``: where image files may come from and how large images may be (classify).
+    ``on_text`` (generate): called with each piece of new text as it becomes final (hermesd.textstream);
+    the pieces, in order, make up the result's ``text`` exactly.
     """
     params = check_params(task, params or {})
     if task == "generate":
-        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token, check=check)
+        return generate(engine, inputs, _build(GenerateParams, params), on_token=on_token, check=check,
+                        on_text=on_text)
     if task == "embed":
         return embed(engine, inputs, **params)
     if task == "classify":
@@ -158,8 +162,9 @@ def task_problem(task: str, architecture: str) -> str | None:
 
 # -- generate -----------------------------------------------------------------------------------
 def generate(engine: Engine, prompt: str | list[dict[str, str]], params: GenerateParams = GenerateParams(),
-             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Continue ``prompt`` (text, or chat messages) and return the new text."""
+             on_token: Callable[[int], None] | None = None, check: Callable[[], None] | None = None,
+             on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Continue ``prompt`` (text, or chat messages) and return the new text (``on_text``: see run_task)."""
     problem = task_problem("generate", engine.manifest.architecture)
     _require(problem is None, problem or "")
     tokenizer = engine.tokenizer
@@ -177,13 +182,16 @@ def generate(engine: Engine, prompt: str | list[dict[str, str]], params: Generat
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     kwargs["stopping_criteria"] = StoppingCriteriaList([StepControl(tokenizer, input_ids.shape[1], params.stop,
                                                                     check)])
-    if on_token is not None:
-        kwargs["streamer"] = _TokenCounter(on_token)
+    stream = TextStream(tokenizer, params.stop) if on_text is not None else None
+    if on_token is not None or stream is not None:
+        kwargs["streamer"] = _TokenCounter(on_token, stream, on_text)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         output = engine.model.generate(input_ids, pad_token_id=pad, **kwargs)
     new_ids = output[0, input_ids.shape[1]:].tolist()
     text, stopped = _cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), params.stop)
+    if stream is not None and (rest := stream.flush()):
+        on_text(rest)
     hit_eos = bool(new_ids) and new_ids[-1] in _eos_ids(engine, tokenizer)
     finish = "stop" if stopped or hit_eos else ("length" if len(new_ids) >= params.max_new_tokens else "stop")
     return {"text": text, "prompt_tokens": int(input_ids.shape[1]), "new_tokens": len(new_ids),
@@ -221,10 +229,15 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class _TokenCounter:
-    """A transformers streamer that reports each generated token id (for progress)."""
+    """A transformers streamer that reports each generated token id (for progress) and, with a
+    TextStream, the text that became final with it (before the token, so a progress message sent
+    for the token carries its text)."""
 
-    def __init__(self, on_token: Callable[[int], None]) -> None:
+    def __init__(self, on_token: Callable[[int], None] | None, stream: TextStream | None = None,
+                 on_text: Callable[[str], None] | None = None) -> None:
         self._on_token = on_token
+        self._stream = stream
+        self._on_text = on_text
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -232,7 +245,10 @@ class _TokenCounter:
             self._prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
-            self._on_token(int(token))
+            if self._stream is not None and (piece := self._stream.push(int(token))):
+                self._on_text(piece)
+            if self._on_token is not None:
+                self._on_token(int(token))
 
     def end(self) -> None:
         pass

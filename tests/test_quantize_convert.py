@@ -103,7 +103,7 @@ def test_cli_reports_errors_per_stage(tiny_config: Path, tmp_path: Path):
     dest = tmp_path / "cli-int4"
     done = subprocess.run([sys.executable, "-m", "hermesd.cli", "convert", "--random-config", str(tiny_config),
                            str(dest), "--quantize", "int4", "--quiet"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert "quantization error" in done.stdout and "model.layers.1" in done.stdout
     info = subprocess.run([sys.executable, "-m", "hermesd.cli", "info", str(dest)], capture_output=True, text=True,
@@ -183,3 +183,26 @@ def test_quiet_convert_prints_no_progress_bar(smollm2, tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr[-500:]
     assert "quantization error" in done.stdout
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_by_row_blocks_equals_quantizing_whole(scheme, monkeypatch):
+    # convert quantizes a block of rows at a time to bound its temporaries; the stored tensors and the
+    # reported error must be those of quantizing the weight whole. 2080x2048 is large enough for the
+    # kernel-ready int4 form (its [groups, N, 2] table joins along N); blocks of 640 rows + a 160-row tail
+    from hermesd.quant.quantizer import quantize, relative_rms_error
+    from hermesd.store import quantizing
+    from hermesd.store.quantized import stored_meta, to_stored
+
+    weight = torch.randn(2080, 2048, generator=torch.Generator().manual_seed(3)) * 0.02
+    meta = stored_meta(quantizing.quant_meta(scheme, (2080, 2048), None))
+    assert scheme == "int8" or meta.table, "the int4 case must cover the kernel-ready form"
+    whole = to_stored(quantize(weight, scheme, meta.group_size), meta)
+    monkeypatch.setattr(quantizing, "ROW_BLOCK_BYTES", 640 * 2048 * 4)
+    blocks, squared_error, squared_norm = quantizing.quantize_by_rows(weight, scheme, meta)
+    assert blocks.meta == whole.meta
+    for name in ("qweight", "scales", "zeros", "super_scales"):
+        a, b = getattr(blocks, name), getattr(whole, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    expected = relative_rms_error(weight, whole.dequantize())
+    assert (squared_error / squared_norm) ** 0.5 == pytest.approx(expected, rel=1e-9)

@@ -109,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--progress", action="store_true", help="report tokens as they are generated (stderr)")
+    generate.add_argument("--stream", action=argparse.BooleanOptionalAction,
+                          help="print the text as it is generated (default: when standard output is a terminal "
+                               "and without --json)")
     generate.set_defaults(handler=_cmd_job, task="generate")
 
     embed = commands.add_parser("embed", parents=[common, job_options], help="embed texts")
@@ -183,11 +186,14 @@ def _inputs(args: argparse.Namespace) -> Any:
 
 def _cmd_job(client: Client, args: argparse.Namespace) -> int:
     started = time.monotonic()
+    stream = _streams(args)
     job = client.submit(args.task, args.model, _inputs(args), _params(args), priority=args.priority,
-                        deadline_s=args.deadline, progress=getattr(args, "progress", False))
+                        deadline_s=args.deadline, progress=getattr(args, "progress", False) or stream)
     if args.no_wait:
         print(json.dumps({"job_id": job.id, "position": job.position}) if args.json else job.id)
         return EXIT_OK
+    if stream:
+        return _print_stream(job, args, started)
     for event in job.progress(args.wait):
         if not args.json:
             print(f"\r{event.get('tokens', 0)} tokens, {event.get('stages', 0)} stages", end="", file=sys.stderr)
@@ -198,10 +204,31 @@ def _cmd_job(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps({"job_id": job.id, "result": result}))
         return EXIT_OK
     print(_human(args.task, result))
+    _print_summary(job, result, started)
+    return EXIT_OK
+
+
+def _streams(args: argparse.Namespace) -> bool:
+    """Print generated text as it comes: asked for, or by default on a terminal (never with --json)."""
+    if args.task != "generate" or args.json or args.no_wait:
+        return False
+    return args.stream if args.stream is not None else sys.stdout.isatty()
+
+
+def _print_stream(job: Any, args: argparse.Namespace, started: float) -> int:
+    """Write each piece of text as it arrives; the pieces together are the result's text."""
+    for piece in job.text(args.wait):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print()
+    _print_summary(job, job.result(), started)
+    return EXIT_OK
+
+
+def _print_summary(job: Any, result: dict[str, Any], started: float) -> None:
     stats = result.get("stats", {})
     print(f"job {job.id}: {time.monotonic() - started:.2f} s end to end, run {stats.get('wall_s', 0):.2f} s, "
           f"peak RSS {stats.get('peak_rss_bytes', 0) / 2**20:.0f} MiB", file=sys.stderr)
-    return EXIT_OK
 
 
 def _human(task: str, result: dict[str, Any]) -> str:

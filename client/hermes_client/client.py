@@ -24,6 +24,7 @@ from hermes_client import protocol
 from hermes_client.errors import DaemonUnreachable, JobCancelled, ServerError, server_error
 from hermes_client.keys import curve_keys
 from hermes_client.protocol import FINAL, Op, Reply
+from hermes_client.textchunks import TextChunks
 
 DEFAULT_ENDPOINT = "ipc:///run/hermesd/hermesd.sock"
 ENDPOINT_ENV = "HERMES_ENDPOINT"
@@ -197,6 +198,15 @@ class Client:
         """Generate text and wait for it: {"text", "prompt_tokens", "new_tokens", "finish_reason", "stats"}."""
         return self.submit("generate", model, prompt, params).result(timeout)
 
+    def generate_stream(self, model: str, prompt: str | list[dict[str, str]], timeout: float | None = None,
+                        **params: Any) -> Iterator[str]:
+        """Generate text and yield it in pieces as the daemon produces them; together they are the text.
+
+        Ends when the job does (JobFailed / JobCancelled are raised after the pieces that came). For the
+        result's counts and stats use ``submit(..., progress=True)``, then ``job.text()`` and ``job.result()``.
+        """
+        return self.submit("generate", model, prompt, params, progress=True).text(timeout)
+
     def embed(self, model: str, texts: str | list[str], timeout: float | None = None,
               **params: Any) -> dict[str, Any]:
         """Embed texts and wait: {"embeddings": [[float]], "stats", ...}."""
@@ -277,7 +287,8 @@ class Job:
         return f"Job({self.id!r})"
 
     def progress(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Yield progress messages ({"tokens", "stages"}) until the job ends (then see ``result``)."""
+        """Yield progress messages ({"tokens", "stages"}, and for generate {"text", "text_offset"}: see
+        ``text``) until the job ends (then see ``result``)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._final is None:
             left = STATUS_POLL_S if deadline is None else deadline - time.monotonic()
@@ -293,6 +304,16 @@ class Job:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.progress()
+
+    def text(self, timeout: float | None = None) -> Iterator[str]:
+        """Yield a generate job's new text as it arrives (submit it with ``progress=True``), then raise
+        as ``result`` would if the job failed or was cancelled. The pieces add up to the result's text."""
+        chunks = TextChunks()
+        for event in self.progress(timeout):
+            if piece := chunks.take(event):
+                yield piece
+        if piece := chunks.rest(self.result(0).get("text", "")):
+            yield piece
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job's end: its result, or JobFailed / JobCancelled / TimeoutError."""

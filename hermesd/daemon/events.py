@@ -45,6 +45,8 @@ class Event:
     error: tuple[str, str] | None = None
     tokens: int = 0
     stages: int = 0
+    text: str | None = None  # generate: new text since the previous progress message ...
+    text_offset: int = 0  # ... and the characters of text sent before it
 
 
 class Runner(Protocol):
@@ -73,6 +75,8 @@ class Progress:
         self.stages = 0
         self.prefetch_paused_stages = 0
         self._last_sent: dict[str, float] = {}
+        self._text: dict[str, str] = {}  # per job: streamed text not yet sent, and how much was sent before it
+        self._text_sent: dict[str, int] = {}
 
     def stage(self, name: str) -> None:
         executor = self.executor
@@ -98,6 +102,17 @@ class Progress:
         count = self.tokens[job.id] = self.tokens.get(job.id, 0) + 1
         self._maybe_send(job, force=count == 1)
 
+    def text(self, piece: str, job: QueuedJob | None = None) -> None:
+        """New final text of a generate job (the only job when None); it goes out with the next progress message."""
+        job = job or self.jobs[0]
+        self._text[job.id] = self._text.get(job.id, "") + piece
+
+    def send_text(self, job: QueuedJob | None = None) -> None:
+        """Send text still waiting (at the job's end, so clients have it all before the result)."""
+        job = job or self.jobs[0]
+        if self._text.get(job.id):
+            self._maybe_send(job, force=True)
+
     def stats(self, engine: Engine, batch: int = 1) -> dict[str, Any]:
         """The engine's statistics of the last run, with the daemon's own counts."""
         stats = engine.live_stats().to_dict()
@@ -112,8 +127,11 @@ class Progress:
         now = time.monotonic()
         if force or now - self._last_sent.get(job.id, 0.0) >= self.executor.progress_interval_s:
             self._last_sent[job.id] = now
+            text = self._text.pop(job.id, "") if job.record.task == "generate" else None
+            sent = self._text_sent.get(job.id, 0)
             self.executor._emit(Event(EventKind.PROGRESS, job, tokens=self.tokens.get(job.id, 0),
-                                      stages=self.stages))
+                                      stages=self.stages, text=text, text_offset=sent))
+            self._text_sent[job.id] = sent + len(text or "")
 
 
 def failed(job: QueuedJob, code: ErrorCode, message: str) -> Event:

@@ -182,7 +182,8 @@ class Executor(threading.Thread):
             engine.set_checkpoint(progress.stage)
             try:
                 result = run_task(engine, record.task, record.inputs, params, on_token=progress.token,
-                                  check=progress.step, images=self.images)
+                                  check=progress.step, images=self.images, on_text=progress.text)
+                progress.send_text()  # the last text goes out before the result
             finally:
                 engine.set_checkpoint(None)
                 host.last_used = time.monotonic()

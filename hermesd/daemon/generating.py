@@ -18,7 +18,7 @@ At every step boundary:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from hermes_client.protocol import JobState
 
@@ -28,6 +28,7 @@ from hermesd.daemon.jobs import QueuedJob
 from hermesd.decodebatch import DecodeBatch, Sequence, prepare, supports_batching
 from hermesd.plan.batchmem import allowance, batch_bytes
 from hermesd.tasks import GenerateParams, check_params
+from hermesd.textstream import TextStream
 
 
 def run_generate(executor: Any, first: QueuedJob, host: ModelHost) -> None:
@@ -50,6 +51,7 @@ class _Loop:
         self.members: dict[int, QueuedJob] = {}  # id(Sequence) -> its job, for the batch's rows
         self.open: dict[str, QueuedJob] = {}  # started and not yet ended
         self.probes: dict[str, Sequence] = {}  # sequences prepared while deciding admission
+        self.streams: dict[str, TextStream | None] = {}  # job id -> its streamed text (progress clients)
         self.joined: dict[str, tuple[float, int]] = {}  # job id -> (time, engine passes) when it joined
         self.batch: DecodeBatch | None = None
         self.limit = host.settings.max_batch
@@ -108,9 +110,21 @@ class _Loop:
             params = GenerateParams(**check_params("generate", dict(record.params)))
             seq = prepare(self.batch.engine, record.inputs, params)
         seq.owner = job
-        seq.on_token = lambda token: self.progress.token(token, job)  # where streamed text would plug in too
+        seq.on_token = self._token_callback(job, seq)
         self.members[id(seq)] = job
         return seq
+
+    def _token_callback(self, job: QueuedJob, seq: Sequence) -> Callable[[int], None]:
+        """Each new token: its text once final (streamed to a client that asked for progress), then the count."""
+        stream = TextStream(self.batch.engine.tokenizer, seq.params.stop) if job.record.progress else None
+        self.streams[job.id] = stream
+
+        def on_token(token: int) -> None:
+            if stream is not None and (piece := stream.push(token)):
+                self.progress.text(piece, job)
+            self.progress.token(token, job)
+
+        return on_token
 
     def _admit(self, joining: list[Sequence]) -> None:
         self.progress.jobs = self._jobs()
@@ -131,6 +145,10 @@ class _Loop:
         for seq in finished:
             job = self.members.pop(id(seq))
             result = {**self.batch.result(seq), "stats": self._stats(job)}
+            stream = self.streams.pop(job.id, None)
+            if stream is not None and (rest := stream.flush()):
+                self.progress.text(rest, job)
+            self.progress.send_text(job)  # the last text goes out before the result
             self._leave(job, self.executor.ended(job) or Event(EventKind.FINISHED, job, JobState.DONE, result=result))
 
     def _leave(self, job: QueuedJob, event: Event) -> None:

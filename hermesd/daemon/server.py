@@ -319,8 +319,10 @@ class Daemon:
         log.info("job %s started (%s %s)", event.job.id, event.job.record.model, event.job.record.task)
 
     def _on_progress(self, event: Event) -> None:
-        self.send(event.job.reply_to, {"type": Reply.PROGRESS.value, "job_id": event.job.id,
-                                        "tokens": event.tokens, "stages": event.stages})
+        message = {"type": Reply.PROGRESS.value, "job_id": event.job.id, "tokens": event.tokens, "stages": event.stages}
+        if event.text is not None:  # generate: the text since the previous message (docs/PROTOCOL.md)
+            message.update(text=event.text, text_offset=event.text_offset)
+        self.send(event.job.reply_to, message)
 
     def _on_finished(self, event: Event) -> None:
         self.running.pop(event.job.id, None)

@@ -13,11 +13,12 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from hermes_client import Client
 from hermes_client.client import ipc_path
 from hermes_client.errors import HermesClientError
+from hermes_client.textchunks import TextChunks
 
 from hermesd.gateway.config import GatewaySettings
 from hermesd.gateway.errors import GatewayError, from_client_error
@@ -93,6 +94,7 @@ class DaemonJob:
         self._client: Client | None = None
         self._lock = threading.Lock()
         self._ended = False
+        self._chunks = TextChunks()
 
     def _locked(self, call: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:
@@ -100,11 +102,13 @@ class DaemonJob:
                 return call()
         return run
 
-    async def submit(self, task: str, model: str, inputs: Any, params: dict[str, Any]) -> str:
-        """Queue the job; a refusal (unknown model, bad params, busy) raises GatewayError. Returns its id."""
+    async def submit(self, task: str, model: str, inputs: Any, params: dict[str, Any], progress: bool = False) -> str:
+        """Queue the job; a refusal (unknown model, bad params, busy) raises GatewayError. Returns its id.
+        ``progress``: ask for progress messages (a streamed answer's text comes with them)."""
         def call() -> str:
             self._client = self.bridge.client()
-            self.job = self._client.submit(task, model, inputs, params, priority=self.bridge.settings.priority)
+            self.job = self._client.submit(task, model, inputs, params, priority=self.bridge.settings.priority,
+                                           progress=progress)
             return self.job.id
         try:
             return await self.bridge.run(self._locked(call))
@@ -113,13 +117,19 @@ class DaemonJob:
             self.release()
             raise
 
-    async def result(self) -> dict[str, Any]:
+    async def result(self, on_text: Callable[[str], Awaitable[None]] | None = None) -> dict[str, Any]:
         """Wait for the job's result. Cancelled while waiting (the HTTP client left): the job is
-        cancelled in the daemon. Past ``job_timeout_s``: cancelled, and a ``timeout`` error."""
+        cancelled in the daemon. Past ``job_timeout_s``: cancelled, and a ``timeout`` error.
+        ``on_text``: awaited with each piece of a generate job's text as it arrives (submitted with
+        ``progress``); the pieces add up to the result's text, which it still holds."""
         deadline = time.monotonic() + self.bridge.settings.job_timeout_s
         try:
             while True:
-                ended, result = await self.bridge.run(self._locked(self._step))
+                ended, result, pieces = await self.bridge.run(self._locked(self._step))
+                if ended and on_text is not None:
+                    pieces.append(self._chunks.rest(result.get("text", "")))
+                for piece in filter(None, pieces if on_text is not None else ()):
+                    await on_text(piece)
                 if ended:
                     self._ended = True
                     return result
@@ -128,14 +138,18 @@ class DaemonJob:
         finally:
             self.release()
 
-    def _step(self) -> tuple[bool, Any]:
+    def _step(self) -> tuple[bool, Any, list[str]]:
+        """Wait up to STEP_S: (ended, result, text pieces); returns early once text has come."""
+        pieces: list[str] = []
         try:
-            for _ in self.job.progress(STEP_S):
-                pass
+            for event in self.job.progress(STEP_S):
+                if piece := self._chunks.take(event):
+                    pieces.append(piece)
+                    return False, None, pieces
         except TimeoutError:
-            return False, None
+            return False, None, pieces
         try:
-            return True, self.job.result(0)
+            return True, self.job.result(0), pieces
         except HermesClientError:
             self._ended = True
             raise

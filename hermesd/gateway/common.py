@@ -63,24 +63,29 @@ async def run_job(request: web.Request, task: str, model: str, inputs: Any, para
 
 
 async def stream_job(request: web.Request, task: str, model: str, inputs: Any, params: dict[str, Any],
-                     content_type: str, first, render, render_error) -> web.StreamResponse:
-    """Submit a job; once accepted, answer 200 with a stream: ``first(job_id)``, then ``render(result)``.
+                     content_type: str, first, render, render_error, render_text) -> web.StreamResponse:
+    """Submit a job; once accepted, answer 200 with a stream: ``first(job_id)``, then
+    ``render_text(job_id, piece)`` for each piece of text as the daemon's progress messages bring it,
+    then ``render(result, seconds)`` (which writes no text: the pieces were all of it).
 
     A refusal still gets its HTTP status (the job was never queued). A failure after the stream
     started is written into it with ``render_error`` (Ollama and OpenAI clients both read an error
-    object there). The daemon's progress messages carry counts, not text, so the text arrives as one
-    chunk when the job ends.
+    object there).
     """
     job = DaemonJob(bridge_of(request))
-    job_id = await job.submit(task, model, inputs, params)
+    job_id = await job.submit(task, model, inputs, params, progress=True)
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
     await response.prepare(request)
     metrics = request.app[METRICS]
     for chunk in first(job_id):
         await _write(response, chunk, metrics)
     started = time.monotonic()
+
+    async def text(piece: str) -> None:
+        await _write(response, render_text(job_id, piece), metrics)
+
     try:
-        result = {**await job.result(), "job_id": job_id}
+        result = {**await job.result(on_text=text), "job_id": job_id}
     except GatewayError as exc:
         chunks = [render_error(exc)]
     else:

@@ -87,12 +87,14 @@ async def _answer(request: web.Request, body: dict[str, Any], model: str, inputs
         result = await run_job(request, "generate", model, inputs, params)
         return web.json_response(_done(model, shape(result["text"]), result, time.monotonic() - started))
 
+    def render_text(job_id: str, piece: str) -> bytes:
+        return ndjson({"model": model, "created_at": now_iso(), **shape(piece), "done": False})
+
     def render(result: dict[str, Any], waited: float) -> list[bytes]:
-        text_chunk = {"model": model, "created_at": now_iso(), **shape(result["text"]), "done": False}
-        return [ndjson(text_chunk), ndjson(_done(model, shape(""), result, time.monotonic() - started))]
+        return [ndjson(_done(model, shape(""), result, time.monotonic() - started))]
 
     return await stream_job(request, "generate", model, inputs, params, NDJSON, lambda job_id: (), render,
-                            lambda exc: ndjson(error_body(exc)))
+                            lambda exc: ndjson(error_body(exc)), render_text)
 
 
 def _done(model: str, shaped: dict[str, Any], result: dict[str, Any], took_s: float) -> dict[str, Any]:

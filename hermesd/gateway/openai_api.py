@@ -1,8 +1,7 @@
 """OpenAI's HTTP API (chat completions, completions, embeddings, models), answered from the daemon.
 
 ``stream: true`` answers with server-sent events: a first chunk naming the assistant's role, the
-text in one chunk when the job ends (the daemon's progress carries counts, not text), a last chunk
-with the finish reason, then ``data: [DONE]``. Absent sampling fields take the model's defaults
+text in chunks as the daemon's progress messages bring it, a last chunk with the finish reason, then ``data: [DONE]``. Absent sampling fields take the model's defaults
 (greedy decoding), not OpenAI's temperature 1. Embeddings are unit-length, as OpenAI's are, and
 come as floats or base64 (``encoding_format``; the ``openai`` package asks for base64).
 """
@@ -81,11 +80,13 @@ async def _complete(request: web.Request, body: dict[str, Any], model: str, inpu
         return web.json_response({**envelope(result["job_id"], {**text, "finish_reason": result["finish_reason"]},
                                              False), "usage": _usage(result)})
 
+    def render_text(job_id: str, piece: str) -> bytes:
+        text = {"delta": {"content": piece}} if chat else {"text": piece}
+        return sse(envelope(job_id, {**text, "finish_reason": None}, True))
+
     def render(result: dict[str, Any], waited: float) -> list[bytes]:
-        text, end = ({"delta": {"content": result["text"]}}, {"delta": {}}) if chat else (
-            {"text": result["text"]}, {"text": ""})
-        return [sse(envelope(result["job_id"], {**text, "finish_reason": None}, True)),
-                sse({**envelope(result["job_id"], {**end, "finish_reason": result["finish_reason"]}, True),
+        end = {"delta": {}} if chat else {"text": ""}
+        return [sse({**envelope(result["job_id"], {**end, "finish_reason": result["finish_reason"]}, True),
                      "usage": _usage(result)}),
                 sse("[DONE]")]
 
@@ -94,7 +95,7 @@ async def _complete(request: web.Request, body: dict[str, Any], model: str, inpu
         return [sse(envelope(job_id, role, True))] if chat else []
 
     return await stream_job(request, "generate", model, inputs, params, SSE, first, render,
-                            lambda exc: sse(error_body(exc)) + sse("[DONE]"))
+                            lambda exc: sse(error_body(exc)) + sse("[DONE]"), render_text)
 
 
 def _usage(result: dict[str, Any]) -> dict[str, int]:

@@ -135,12 +135,12 @@ def fit_plan(manifest: Manifest, read_bytes: Callable[[str], int], runtime_bytes
         return make(depth, chosen)
     minimum = make(0, pinned)
     if minimum.peak_bound > budget:
-        raise BudgetError(budget, minimum.peak_bound, _breakdown(minimum))
+        raise BudgetError(budget, minimum.peak_bound, breakdown(minimum))
     while depth > 0 and make(depth, chosen).peak_bound > budget:
         depth -= 1
     plan = make(depth, chosen)
     if plan.peak_bound > budget:
-        raise BudgetError(budget, plan.peak_bound, "the requested resident stages do not fit; " + _breakdown(plan))
+        raise BudgetError(budget, plan.peak_bound, "the requested resident stages do not fit; " + breakdown(plan))
     if not fixed:
         plan = _add_resident(plan, names, make)
     roomy = make(plan.prefetch, list(plan.resident), roomy=True)
@@ -172,6 +172,7 @@ def _checked_names(requested: list[str], names: list[str]) -> list[str]:
     return requested
 
 
-def _breakdown(plan: Plan) -> str:
+def breakdown(plan: Plan) -> str:
+    """Where a plan's peak bound goes, for messages."""
     return (f"runtime {format_size(plan.runtime_bytes)} + resident {format_size(plan.resident_bytes)} + "
             f"stage buffers {format_size(plan.pool_bytes)} + activations {format_size(plan.activation_bytes)}")

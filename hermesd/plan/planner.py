@@ -52,7 +52,12 @@ class Prediction:
 
 def minimum_budget(profile: Profile, workload: Workload) -> int:
     """The smallest budget any plan fits: no prefetch, only pinned stages resident."""
-    return evaluate(profile, workload, 0, _pinned(profile), None).peak_bytes
+    return minimum_plan(profile, workload).peak_bound
+
+
+def minimum_plan(profile: Profile, workload: Workload) -> Plan:
+    """The plan behind ``minimum_budget``: no prefetch, only pinned stages resident."""
+    return evaluate(profile, workload, 0, _pinned(profile), None).plan
 
 
 def choose_plan(profile: Profile, budget: int | None, workload: Workload = Workload(),

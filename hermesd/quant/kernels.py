@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hermesd.quant import fastint4
 from hermesd.quant.cpu import KernelPolicy
 from hermesd.quant.dequant import dequantize_into, group_factors
 from hermesd.quant.int4pack import ROWMAJOR, int4_kernel_available, native_tag, pack_nibbles, repack, to_kernel_layout
@@ -163,8 +164,13 @@ def prepare(qw: QuantizedWeight, path: str, dtype: torch.dtype, inplace: bool = 
 
 
 def run_kernel(x2: torch.Tensor, prep: Prepared, group_size: int) -> torch.Tensor:
-    """``x2 @ W.T`` with an integer kernel; ``x2`` must already be in ``prep.scales.dtype``."""
-    x2 = x2.contiguous()
+    """``x2 @ W.T`` with an integer kernel: our own for int4 where it applies (fp32 activations, fp32
+    result), else torch's, with ``x2`` rounded to ``prep.scales.dtype`` (the result in that dtype)."""
+    if prep.path == INT4 and native_tag() == fastint4.LAYOUT:
+        y = fastint4.int4_gemm(x2, prep.packed, prep.scales, group_size)
+        if y is not None:
+            return y
+    x2 = x2.to(prep.scales.dtype).contiguous()
     if prep.path == INT8:
         return torch._weight_int8pack_mm(x2, prep.packed, prep.scales)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, prep.packed, group_size, prep.scales)

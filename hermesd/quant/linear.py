@@ -130,7 +130,7 @@ class QuantLinear(nn.Module):
             y = run_dense(x2, self.quantized(), self.policy, self.bias)
         else:
             assert self._prepared is not None
-            y = run_kernel(x2.to(self.policy.kernel_dtype), self._prepared, self.qmeta.group_size)
+            y = run_kernel(x2, self._prepared, self.qmeta.group_size)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from hermesd import progressbar
 from hermesd.errors import HermesError
 from hermesd.units import format_size
 
@@ -32,14 +32,13 @@ def add_convert(commands) -> None:
     convert.add_argument("--group-size", type=int, metavar="N",
                          help="with --quantize: weights per scale along the input (int4: 32, 64, 128 or 256)")
     convert.add_argument("--force", action="store_true", help="replace DEST if it exists")
-    convert.add_argument("--quiet", action="store_true", help="no progress lines")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or lines (transformers' bars too)")
     convert.add_argument("--json", action="store_true", help="print the summary as JSON")
     convert.set_defaults(handler=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    if args.quiet:  # tqdm reads TQDM_* defaults when it is first imported; some bars bypass transformers' switch
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    bars = progressbar.configure(args.quiet)  # before transformers loads: it reads the switches then
     from hermesd.store.convert import convert, open_source
 
     if args.random_config is not None and len(args.paths) != 1:
@@ -50,14 +49,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     dest = Path(args.paths[-1])
     if dest.exists() and not args.force:  # refuse before the (possibly slow) source is opened
         raise HermesError(f"{dest} already exists; pass --force to replace it")
-    if args.quiet:  # before the source opens: transformers' GGUF loader draws its bar while loading
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     source = open_source(src, gguf_file=args.gguf_file, random_config=args.random_config, seed=args.seed,
                          dequantize=args.dequantize, quantize=args.quantize, group_size=args.group_size)
-    progress = None if args.quiet else _print_progress
-    report = convert(source, dest, dtype=args.dtype, force=args.force, progress=progress)
+    if bars:
+        with progressbar.StageBar(f"writing {dest.name}") as bar:
+            report = convert(source, dest, dtype=args.dtype, force=args.force,
+                             progress=lambda done, total, name, nbytes: bar.advance(name, nbytes, total))
+    else:
+        progress = None if args.quiet else _print_progress
+        report = convert(source, dest, dtype=args.dtype, force=args.force, progress=progress)
     if args.json:
         print(json.dumps(report.__dict__))
     else:
