@@ -88,6 +88,20 @@ def test_greedy_generate_batched_is_token_identical_to_solo_with_joins_and_leave
     assert records[3]["started"] > min(r["finished"] for r in records[:3]) - 0.5
 
 
+def test_each_member_of_a_batch_streams_its_own_text(daemon, solo):
+    client = daemon.client(timeout=120)
+    jobs = [client.submit("generate", "smollm2", PROMPTS[i], {"max_new_tokens": TOKENS[i]}, progress=True)
+            for i in (0, 1)]
+    for index, job in zip((0, 1), jobs):
+        events = list(job.progress(timeout=300))
+        pieces = [e["text"] for e in events if e.get("text")]
+        offsets = [sum(len(e["text"]) for e in events[:n]) for n in range(len(events))]
+        assert [e["text_offset"] for e in events] == offsets  # no piece lost or repeated
+        result = job.result(0)
+        assert "".join(pieces) == result["text"] == solo[PROMPTS[index]]["text"] and len(pieces) >= 2
+    assert max(job.result(0)["stats"]["batch"] for job in jobs) == 2
+
+
 def test_a_cancel_in_the_middle_of_a_batch_leaves_the_others_as_if_alone(daemon, solo):
     client = daemon.client(timeout=120)
     keep = [client.submit("generate", "smollm2", PROMPTS[i], {"max_new_tokens": TOKENS[i]}) for i in (0, 2)]
