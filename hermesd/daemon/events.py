@@ -102,6 +102,14 @@ class Progress:
         count = self.tokens[job.id] = self.tokens.get(job.id, 0) + 1
         self._maybe_send(job, force=count == 1)
 
+    def restart(self, job: QueuedJob) -> None:
+        """``job`` starts over (it gave its place in a batch up and joins again): counts and text from zero.
+
+        Text offsets start at 0 again, so a client skips what it already has (hermes_client.textchunks).
+        """
+        for counts in (self.tokens, self._text, self._text_sent):
+            counts.pop(job.id, None)
+
     def text(self, piece: str, job: QueuedJob | None = None) -> None:
         """New final text of a generate job (the only job when None); it goes out with the next progress message."""
         job = job or self.jobs[0]

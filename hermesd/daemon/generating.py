@@ -118,6 +118,7 @@ class _Loop:
         """Each new token: its text once final (streamed to a client that asked for progress), then the count."""
         stream = TextStream(self.batch.engine.tokenizer, seq.params.stop) if job.record.progress else None
         self.streams[job.id] = stream
+        self.progress.restart(job)
 
         def on_token(token: int) -> None:
             if stream is not None and (piece := stream.push(token)):
