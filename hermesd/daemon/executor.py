@@ -8,16 +8,17 @@ engine stops marking progress, the daemon stops its WATCHDOG=1 pings and systemd
 
 from __future__ import annotations
 
-import enum
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from hermes_client.protocol import ErrorCode, JobState
 
+from hermesd.daemon.batching import one_pass_companions, run_one_pass
+from hermesd.daemon.events import Event, EventKind, Interrupted, Progress, failed
+from hermesd.daemon.generating import run_generate
 from hermesd.daemon.hosting import ModelHost
 from hermesd.daemon.jobs import JobQueue, QueuedJob
 from hermesd.errors import HermesError, StoreError, TaskError
@@ -32,40 +33,9 @@ IDLE_WAIT_S = 0.5
 JobHook = Callable[["QueuedJob"], None]
 
 
-class Interrupted(Exception):
-    """Raised at a checkpoint to end a job between stages (cancel, deadline, shutdown)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class EventKind(str, enum.Enum):
-    """What an executor event tells the main loop (it dispatches ``_on_<value>``)."""
-
-    STARTED = "started"
-    PROGRESS = "progress"
-    FINISHED = "finished"
-    REQUEUED = "requeued"
-
-
-@dataclass
-class Event:
-    """Something the main loop must act on."""
-
-    kind: EventKind
-    job: QueuedJob
-    state: JobState | None = None
-    result: Any = None
-    error: tuple[str, str] | None = None
-    tokens: int = 0
-    stages: int = 0
-    text: str | None = None  # generate: new text since the previous progress message ...
-    text_offset: int = 0  # ... and the characters of text sent before it
-
-
 class Executor(threading.Thread):
-    """Runs queued jobs one at a time on the loaded models."""
+    """Runs queued jobs on the loaded models: one job, or a batch of jobs sharing each weight sweep
+    (hermesd.daemon.batching for one-pass tasks, hermesd.daemon.generating for generate)."""
 
     def __init__(self, jobs: JobQueue, hosts: dict[str, ModelHost], wake: Callable[[], None],
                  progress_interval_s: float = 0.25, before_job: JobHook | None = None,
@@ -77,7 +47,7 @@ class Executor(threading.Thread):
         self.gate = Gate()
         self.progress_interval_s = progress_interval_s
         self.images = images  # where classify may read image files, how large images may be (config)
-        self.current: QueuedJob | None = None
+        self.batch: list[QueuedJob] = []  # the jobs running now (replaced, never mutated: other threads read it)
         self.last_progress = time.monotonic()
         self.paused_s = 0.0  # time held by the gate, this job
         self.evicted = 0     # resident stages shed, this job
@@ -85,6 +55,21 @@ class Executor(threading.Thread):
         self._before_job = before_job
         self._stopping = threading.Event()
         self._control: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    @property
+    def current(self) -> QueuedJob | None:
+        """The first running job (None between jobs); ``batch`` has all of them."""
+        batch = self.batch
+        return batch[0] if batch else None
+
+    @property
+    def stopping(self) -> bool:
+        """Told to take no further jobs (draining or stopping)."""
+        return self._stopping.is_set()
+
+    def running(self, job_id: str) -> QueuedJob | None:
+        """The running job with this id, if the executor holds it."""
+        return next((job for job in self.batch if job.id == job_id), None)
 
     # -- control from the main thread -------------------------------------------------------------
     def stop(self) -> None:
@@ -149,28 +134,51 @@ class Executor(threading.Thread):
         self._wake()
 
     def _execute(self, job: QueuedJob) -> None:
-        self.current, self.paused_s, self.evicted = job, 0.0, 0
-        self._emit(Event(EventKind.STARTED, job))
+        host = self.hosts.get(job.record.model)
+        if host is not None and job.record.task == "generate":
+            return run_generate(self, job, host)
+        jobs = [job, *one_pass_companions(self, job, host)] if host is not None else [job]
+        self.begin(jobs)
         try:
-            event = self._outcome(job)
+            events = [self.solo_outcome(job)] if len(jobs) == 1 else run_one_pass(self, jobs, host)
         finally:
-            self.current = None
-            self.last_progress = time.monotonic()
+            self.end()
+        for event in events:
+            self._emit(event)
+
+    def begin(self, jobs: list[QueuedJob]) -> None:
+        """Jobs start running (one event each); the gate's and residency's counters start afresh."""
+        self.batch, self.paused_s, self.evicted = list(jobs), 0.0, 0
+        for job in jobs:
+            self._emit(Event(EventKind.STARTED, job))
+
+    def end(self) -> None:
+        self.batch = []
+        self.last_progress = time.monotonic()
+
+    def admit(self, jobs: list[QueuedJob]) -> None:
+        """Jobs join the running batch (generate's next step)."""
+        self.batch = [*self.batch, *jobs]
+        for job in jobs:
+            self._emit(Event(EventKind.STARTED, job))
+
+    def leave(self, event: Event) -> None:
+        """A job of the running batch ends (its final event); the others go on."""
+        self.batch = [job for job in self.batch if job is not event.job]
         self._emit(event)
 
-    def _outcome(self, job: QueuedJob) -> Event:
+    def solo_outcome(self, job: QueuedJob) -> Event:
         """Run one job and say how it ended; no exception escapes (the executor must keep serving)."""
         record = job.record
         host = self.hosts.get(record.model)
         if host is None:
-            return _failed(job, ErrorCode.UNKNOWN_MODEL, f"model {record.model!r} is no longer configured")
+            return failed(job, ErrorCode.UNKNOWN_MODEL, f"model {record.model!r} is no longer configured")
         try:
             self._check(job)
-            if self._before_job is not None:
-                self._before_job(job)
+            self.before_job(job)
             params = dict(record.params)
             engine = host.ensure_open()  # loads a model configured with load = "first_use" or released idle
-            progress = _Progress(self, job, host)
+            progress = Progress(self, [job], host)
             engine.set_checkpoint(progress.stage)
             try:
                 result = run_task(engine, record.task, record.inputs, params, on_token=progress.token,
@@ -179,28 +187,58 @@ class Executor(threading.Thread):
             finally:
                 engine.set_checkpoint(None)
                 host.last_used = time.monotonic()
-            stats = engine.stats.to_dict()
-            stats.update(paused_s=round(self.paused_s, 3), stages_run=progress.stages,
-                         prefetch_paused_stages=progress.prefetch_paused_stages, stages_evicted=self.evicted)
-            return Event(EventKind.FINISHED, job, JobState.DONE, result={**result, "stats": stats})
-        except Interrupted as exc:
+            return Event(EventKind.FINISHED, job, JobState.DONE, result={**result, "stats": progress.stats(engine)})
+        except Exception as exc:  # noqa: BLE001  (every failure becomes the job's outcome)
+            return self.failure(job, exc)
+
+    def before_job(self, job: QueuedJob) -> None:
+        if self._before_job is not None:
+            self._before_job(job)
+
+    def failure(self, job: QueuedJob, exc: Exception) -> Event:
+        """How an exception ends ``job``: interrupted, refused, a damaged store or a bug (never raised on)."""
+        record = job.record
+        if isinstance(exc, Interrupted):
             return self._interrupted(job, exc.reason)
-        except TaskError as exc:
-            return _failed(job, ErrorCode.INVALID_PARAMS, str(exc))
-        except StoreError as exc:
+        if isinstance(exc, TaskError):
+            return failed(job, ErrorCode.INVALID_PARAMS, str(exc))
+        if isinstance(exc, StoreError):
             log.error("job %s: model %s has a damaged store: %s", record.id, record.model, exc)
-            return _failed(job, ErrorCode.TASK_FAILED, str(exc))
-        except HermesError as exc:
-            return _failed(job, ErrorCode.TASK_FAILED, str(exc))
-        except Exception as exc:  # a bug or an input the model chokes on: report it, keep serving
-            log.exception("job %s failed", record.id)
-            return _failed(job, ErrorCode.TASK_FAILED, f"{type(exc).__name__}: {exc}")
+            return failed(job, ErrorCode.TASK_FAILED, str(exc))
+        if isinstance(exc, HermesError):
+            return failed(job, ErrorCode.TASK_FAILED, str(exc))
+        log.error("job %s failed", record.id, exc_info=exc)  # a bug or an input the model chokes on
+        return failed(job, ErrorCode.TASK_FAILED, f"{type(exc).__name__}: {exc}")
+
+    def stopped(self, job: QueuedJob) -> str | None:
+        """Why ``job`` must not go on (cancel reason or "deadline"), or None."""
+        try:
+            self._check(job)
+        except Interrupted as exc:
+            return exc.reason
+        return None
+
+    def ended(self, job: QueuedJob) -> Event | None:
+        """The final event of a batch member that must stop now (cancel, deadline), or None."""
+        reason = self.stopped(job)
+        return None if reason is None else self._interrupted(job, reason)
+
+    def check_batch(self, jobs: list[QueuedJob]) -> None:
+        """Raise Interrupted when the whole sweep must end: a shutdown, or every member stopped.
+
+        A member cancelled alone leaves at the next step boundary; the others' sweep goes on.
+        """
+        reasons = [self.stopped(job) for job in jobs]
+        if "shutdown" in reasons:
+            raise Interrupted("shutdown")
+        if reasons and all(reasons):
+            raise Interrupted(reasons[0])
 
     def _interrupted(self, job: QueuedJob, reason: str) -> Event:
         if reason == "shutdown":
             return Event(EventKind.REQUEUED, job)
         if reason == "deadline":
-            return _failed(job, ErrorCode.DEADLINE_EXCEEDED, "the job's deadline passed")
+            return failed(job, ErrorCode.DEADLINE_EXCEEDED, "the job's deadline passed")
         return Event(EventKind.FINISHED, job, JobState.CANCELLED)
 
     def _check(self, job: QueuedJob) -> None:
@@ -210,73 +248,14 @@ class Executor(threading.Thread):
         if job.record.deadline is not None and time.time() > job.record.deadline:
             raise Interrupted("deadline")
 
-    def wait_at_gate(self, job: QueuedJob) -> None:
-        """Block while the watchdogs hold execution, still honouring cancel and deadline."""
+    def wait_at_gate(self, jobs: list[QueuedJob]) -> None:
+        """Block while the watchdogs hold execution (the whole batch), still honouring cancels and deadlines."""
         if not self.gate.held:
             return
         started = time.monotonic()
         while not self.gate.wait(0.2):
             self.last_progress = time.monotonic()  # paused on purpose, not wedged
-            self._check(job)
+            self.check_batch(jobs)
         self.paused_s += time.monotonic() - started
 
 
-class _Progress:
-    """Checkpoint and token callbacks of one job: progress events, cancel and gate checks."""
-
-    def __init__(self, executor: Executor, job: QueuedJob, host: ModelHost) -> None:
-        self.executor = executor
-        self.job = job
-        self.host = host
-        self.tokens = 0
-        self.stages = 0
-        self.prefetch_paused_stages = 0
-        self._last_sent = 0.0
-        self._text = ""  # streamed text not yet sent, and how much was sent before it
-        self._text_sent = 0
-
-    def stage(self, name: str) -> None:
-        executor = self.executor
-        executor.last_progress = time.monotonic()
-        executor._check(self.job)
-        executor.wait_at_gate(self.job)
-        executor._adjust_residency()
-        paused = executor.gate.prefetch_paused
-        self.host.engine.pause_prefetch(paused)
-        self.prefetch_paused_stages += paused
-        self.stages += 1
-        self._maybe_send()
-
-    def step(self) -> None:
-        """After tokenizing and after each generated token: cancel and deadline end the job here too."""
-        self.executor.last_progress = time.monotonic()
-        self.executor._check(self.job)
-
-    def token(self, token_id: int) -> None:
-        self.tokens += 1
-        self._maybe_send(force=self.tokens == 1)
-
-    def text(self, piece: str) -> None:
-        """New final text of a generate job; it goes out with the next progress message."""
-        self._text += piece
-
-    def send_text(self) -> None:
-        """Send text still waiting (at the job's end, so clients have it all before the result)."""
-        if self._text:
-            self._maybe_send(force=True)
-
-    def _maybe_send(self, force: bool = False) -> None:
-        if not self.job.record.progress:
-            return
-        now = time.monotonic()
-        if force or now - self._last_sent >= self.executor.progress_interval_s:
-            self._last_sent = now
-            text = self._text if self.job.record.task == "generate" else None
-            self.executor._emit(Event(EventKind.PROGRESS, self.job, tokens=self.tokens, stages=self.stages,
-                                      text=text, text_offset=self._text_sent))
-            self._text_sent += len(self._text)
-            self._text = ""
-
-
-def _failed(job: QueuedJob, code: ErrorCode, message: str) -> Event:
-    return Event(EventKind.FINISHED, job, JobState.FAILED, error=(code.value, message))

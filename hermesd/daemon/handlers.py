@@ -86,9 +86,8 @@ class RequestHandlers:
         if queued is not None:
             daemon.finish(queued, JobState.CANCELLED)
             return {"type": Reply.JOB.value, "job": daemon.journal.get(record.id).public(), "cancelled": True}
-        current = daemon.executor.current  # taken by the executor, its "started" event not yet handled
-        running = daemon.running.get(record.id) or (current if current is not None and current.id == record.id
-                                                    else None)
+        # or taken by the executor, its "started" event not yet handled
+        running = daemon.running.get(record.id) or daemon.executor.running(record.id)
         if running is None:
             return {"type": Reply.JOB.value, "job": record.public(), "cancelled": False}
         daemon.journal.request_cancel(record.id)  # durable before "cancelled": a crash must not forget it

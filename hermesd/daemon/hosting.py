@@ -13,6 +13,7 @@ from hermesd.daemon.config import ConfigError, ModelSettings
 from hermesd.daemon.preflight import check_defaults, workload_of
 from hermesd.engine import Engine
 from hermesd.errors import BudgetError, StoreError
+from hermesd.plan.batchmem import allowance, max_batch
 from hermesd.plan.budget import Plan
 from hermesd.planning import resolve
 from hermesd.store.manifest import Manifest
@@ -84,7 +85,17 @@ class ModelHost:
                 "max_prompt_tokens": self.settings.max_prompt_tokens,
                 "max_new_tokens": self.settings.max_new_tokens, "defaults": self.settings.defaults,
                 "weight_bytes": manifest.weight_bytes(), "store_modified": _modified(self.settings.store),
-                "quantization": sorted({fmt for stage in manifest.stages for fmt in stage.quant_formats})}
+                "quantization": sorted({fmt for stage in manifest.stages for fmt in stage.quant_formats}),
+                **self._batching(manifest)}
+
+    def _batching(self, manifest: Manifest) -> dict[str, Any]:
+        """How many jobs may share a sweep: the config's cap, the plan's room for them, and how many
+        generate jobs of the largest allowed size fit that room together (derived from the plan)."""
+        room = allowance(self.plan) if self.plan is not None else None
+        settings = self.settings
+        full = max_batch(manifest, self.plan, settings.max_prompt_tokens, settings.max_new_tokens,
+                         settings.max_batch) if self.plan is not None else 1
+        return {"max_batch": settings.max_batch, "batch_room": room, "max_batch_full_size": full}
 
     def close(self) -> None:
         self.release()

@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from hermes_client.protocol import MAX_CLIENT_JOB_ID, MAX_DEADLINE_S, PRIORITY_RANGE, TASK_NAMES, ErrorCode
 
@@ -157,3 +157,22 @@ class JobQueue:
         """Queued jobs in the order they will run."""
         with self._ready:
             return [j for _, _, j in sorted(self._heap, key=lambda e: e[:2]) if j.id in self._ids]
+
+    def head(self) -> QueuedJob | None:
+        """The job that would run next, left in the queue; None if the queue is empty."""
+        with self._ready:
+            ordered = sorted((e for e in self._heap if e[2].id in self._ids), key=lambda e: e[:2])
+            return ordered[0][2] if ordered else None
+
+    def take(self, wanted: Callable[[QueuedJob], bool], limit: int) -> list[QueuedJob]:
+        """Take up to ``limit`` queued jobs for which ``wanted`` is true, in queue order (a batch's
+        companions). ``wanted`` is called in queue order and may keep state (a memory bound)."""
+        taken: list[QueuedJob] = []
+        with self._ready:
+            for _, _, job in sorted((e for e in self._heap if e[2].id in self._ids), key=lambda e: e[:2]):
+                if len(taken) >= limit:
+                    break
+                if wanted(job):
+                    self._ids.discard(job.id)
+                    taken.append(job)
+        return taken

@@ -229,10 +229,11 @@ class Daemon:
         if current is None or not self.executor.is_alive():
             self.state = State.STOPPED
         elif now >= self._drain_deadline and not self._shutdown_sent:
-            log.warning("drain timeout: interrupting job %s; it stays journaled and runs at the next start",
-                        current.id)
-            current.cancel_reason = "shutdown"
-            current.cancel.set()
+            for job in self.executor.batch:  # every member of a running batch
+                log.warning("drain timeout: interrupting job %s; it stays journaled and runs at the next start",
+                            job.id)
+                job.cancel_reason = "shutdown"
+                job.cancel.set()
             self._shutdown_sent = True
         elif self._shutdown_sent and now >= self._drain_deadline + SHUTDOWN_GRACE_S:
             log.error("job %s did not stop; exiting anyway (it runs again at the next start)", current.id)
@@ -330,7 +331,8 @@ class Daemon:
     def _on_requeued(self, event: Event) -> None:
         self.running.pop(event.job.id, None)
         self.journal.requeue(event.job.id)
-        log.info("job %s interrupted by shutdown; it stays queued in the journal", event.job.id)
+        log.info("job %s interrupted (shutdown, or a higher-priority job took its place in a batch); it stays "
+                 "queued", event.job.id)
 
     def finish(self, job: QueuedJob, state: JobState, result: Any = None, error: tuple[str, str] | None = None) -> None:
         """Journal a job's end, then send its one final reply."""

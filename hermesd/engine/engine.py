@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -49,6 +50,21 @@ class Engine:
     def stats(self) -> RunStats:
         """Statistics of the last completed run (a forward call or a whole generate call)."""
         return self._runtime.last_stats
+
+    @contextlib.contextmanager
+    def span(self) -> Iterator[None]:
+        """One run over several ``model(...)`` calls (a decode loop of one's own, as ``generate`` is one
+        run): read-ahead carries on from each call into the next; ``live_stats`` covers it so far."""
+        began = self._runtime.begin_span()
+        try:
+            yield
+        finally:
+            if began:
+                self._runtime.end_span()
+
+    def live_stats(self) -> RunStats:
+        """Statistics of the run under way (``span``) so far."""
+        return self._runtime.live_stats()
 
     def set_checkpoint(self, checkpoint: Callable[[str], None] | None) -> None:
         """Call ``checkpoint(stage_name)`` before each stage of each run (None removes it).

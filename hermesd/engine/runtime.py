@@ -8,6 +8,7 @@ gathered: a pre-hook reads only the rows of the batch's token ids and remaps the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, Callable
@@ -160,6 +161,27 @@ class StreamRuntime:
             finally:
                 self._end()
         return generate
+
+    def begin_span(self) -> bool:
+        """Start one run that spans many forward calls (a decode loop driven from outside ``generate``):
+        read-ahead wraps from the last stage to the first between them. False if a run is under way."""
+        if self._run_owner is not None:
+            return False
+        self._begin("generate", wrap=True)
+        return True
+
+    def end_span(self) -> None:
+        if self._run_owner == "generate":
+            self._end()
+
+    def live_stats(self) -> RunStats:
+        """The statistics of the run under way so far (the last run's if none is)."""
+        stats = self._stats
+        if stats is None:
+            return self.last_stats
+        return dataclasses.replace(stats, wall_s=time.perf_counter() - self._t0, peak_rss_bytes=memory.peak_rss_bytes(),
+                                   pool_high_water_bytes=self.prefetcher.pool.high_water,
+                                   stages=list(self._by_name.values()), timeline=[])
 
     def _root_pre(self, module: nn.Module, args: tuple) -> None:
         if self._run_owner == "forward":
