@@ -1,7 +1,7 @@
 """Jobs sharing weight sweeps: concurrent generate jobs on a streamed model under a memory cap, and
 MiniLM embed jobs submitted together against one after another.
 
-    python -m bench.batching [--work /work/qbench/batching] [--cap 734MiB] [--counts 1,2,4,8,16]
+    python -m bench.batching [--work bench/results/batching] [--cap 734MiB] [--counts 1,2,4,8,16]
                              [--new 32] [--rounds 2] [--embed-jobs 32] [--plot bench/plots/batching.png]
 
 Generate: the TinyLlama-1.1B-shape store in bf16 (random weights, a word-level tokenizer; the suite's
@@ -197,14 +197,15 @@ def _summary(report: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/work/qbench/batching", help="where the stores are made and kept")
-    parser.add_argument("--cap", default="734MiB")
-    parser.add_argument("--counts", default="1,2,4,8,16")
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--embed-jobs", type=int, default=32)
-    parser.add_argument("--skip-embed", action="store_true")
-    parser.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "batching.png"))
+    parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "batching"),
+                        help="where the stores are made and kept (made on first use)")
+    parser.add_argument("--cap", default="734MiB", help="cgroup memory cap of the daemon (the suite's Llama cap)")
+    parser.add_argument("--counts", default="1,2,4,8,16", help="comma-separated numbers of concurrent generate jobs")
+    parser.add_argument("--new", type=int, default=32, help="new tokens per generate job")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the counts (medians)")
+    parser.add_argument("--embed-jobs", type=int, default=32, help="MiniLM embed jobs, together and one by one")
+    parser.add_argument("--skip-embed", action="store_true", help="only the generate part")
+    parser.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "batching.png"), help="where the plot goes")
     args = parser.parse_args()
     args.counts = [int(n) for n in args.counts.split(",")]
     if (reason := unavailable_reason()) is not None:
