@@ -243,6 +243,21 @@ def test_deadline_passes_while_queued(client):
     assert info.value.code == ErrorCode.DEADLINE_EXCEEDED.value
 
 
+def test_a_member_past_its_deadline_leaves_a_merged_batch_without_running(client):
+    # Queued together, the two embed jobs share one sweep. The expired one must end before anything runs
+    # for it: its input would wedge the executor hook for 30 s (as a job wedged before a restart would).
+    blocker = client.submit("embed", "bert", hang_input(2))
+    wait_for_state(client, blocker.id, "running")
+    expired = client.submit("embed", "bert", [hang_input(30)], deadline_s=0.5)
+    live = client.submit("embed", "bert", "w2")
+    started = time.monotonic()
+    assert live.result(60)["dimensions"] == 64
+    assert time.monotonic() - started < 20, "the expired member's hook ran"
+    with pytest.raises(JobFailed) as info:
+        expired.result(10)
+    assert info.value.code == ErrorCode.DEADLINE_EXCEEDED.value
+
+
 def test_result_outlives_the_client_and_resubmits_are_deduplicated(daemon):
     first = daemon.client()
     job = first.submit("embed", "bert", "w7", client_job_id="sensor-42/reading-1")

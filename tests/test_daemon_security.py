@@ -93,8 +93,11 @@ def _as_other_uid(endpoint: str, job_id: str, client_job_id: str) -> dict:
 
 def test_job_ids_are_random_128_bit(secured):
     client = secured.client()
-    ids = {client.submit("embed", "bert", "w1").id for _ in range(3)}
+    jobs = [client.submit("embed", "bert", "w1") for _ in range(3)]
+    ids = {job.id for job in jobs}
     assert len(ids) == 3 and all(re.fullmatch(r"j-[0-9a-f]{32}", i) for i in ids)
+    for job in jobs:  # finished, so they cannot share a sweep with (and stand before) the next test's job
+        job.result(60)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second uid")

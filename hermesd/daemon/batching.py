@@ -71,6 +71,18 @@ def run_one_pass(executor: Any, jobs: list[QueuedJob], host: ModelHost) -> list[
     results; a shutdown requeues them all. If the merged batch is refused (an input too long for the
     model, outputs too large together), each job runs alone and gets its own answer.
     """
+    # Members stopped while queued (cancelled, past their deadline) end now, before anything runs for
+    # them: a job whose deadline passed while a wedged daemon was restarted must not run again.
+    early = {job.id: executor.ended(job) for job in jobs}
+    stopped = [event for event in early.values() if event is not None]
+    jobs = [job for job in jobs if early[job.id] is None]
+    if not jobs:
+        return stopped
+    return stopped + _sweep(executor, jobs, host)
+
+
+def _sweep(executor: Any, jobs: list[QueuedJob], host: ModelHost) -> list[Event]:
+    """The merged sweep of :func:`run_one_pass` for members that may run."""
     task = jobs[0].record.task
     progress = Progress(executor, jobs, host)
     try:

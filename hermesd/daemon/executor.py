@@ -218,6 +218,10 @@ class Executor(threading.Thread):
             return exc.reason
         return None
 
+    def raise_if_stopped(self, job: QueuedJob) -> None:
+        """Raise Interrupted if ``job`` must not go on (cancel, deadline)."""
+        self._check(job)
+
     def ended(self, job: QueuedJob) -> Event | None:
         """The final event of a batch member that must stop now (cancel, deadline), or None."""
         reason = self.stopped(job)

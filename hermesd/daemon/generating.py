@@ -61,6 +61,7 @@ class _Loop:
         self.open[first.id] = first
         try:
             engine = self.host.ensure_open()
+            self.executor.raise_if_stopped(first)  # cancelled or past its deadline while queued: no sweep
             self.executor.before_job(first)
             self.batch = DecodeBatch(engine)
             if not supports_batching(engine):
