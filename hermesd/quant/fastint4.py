@@ -58,7 +58,9 @@ def int4_gemm(x2: torch.Tensor, codes: torch.Tensor, table: torch.Tensor, group_
     does not apply (then nothing was computed): not built here, more than :data:`MAX_ROWS` rows, a
     table not in bf16, N not a multiple of 32, or K not a multiple of the group size."""
     lib = _library()
-    if lib is None or x2.shape[0] > MAX_ROWS or table.dtype != torch.bfloat16 or not table.is_contiguous() or not codes.is_contiguous():
+    if lib is None or x2.shape[0] > MAX_ROWS or table.dtype != torch.bfloat16:
+        return None
+    if not (table.is_contiguous() and codes.is_contiguous()):
         return None
     m, k = x2.shape
     n = table.shape[1]

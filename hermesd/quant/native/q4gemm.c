@@ -20,7 +20,8 @@
 
 /* An empty module, so setuptools builds and installs this file like any extension; the kernel itself
  * is called through ctypes (which releases the GIL for the call). */
-static struct PyModuleDef q4gemm_module = {PyModuleDef_HEAD_INIT, "_q4gemm", "hermesd's AVX2 int4 kernel", -1, NULL, NULL, NULL, NULL, NULL};
+static struct PyModuleDef q4gemm_module = {
+    PyModuleDef_HEAD_INIT, "_q4gemm", "hermesd's AVX2 int4 kernel", -1, NULL, NULL, NULL, NULL, NULL};
 PyMODINIT_FUNC PyInit__q4gemm(void) { return PyModule_Create(&q4gemm_module); }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -120,7 +121,8 @@ static inline void dequantize_tile(const uint8_t *bytes, const uint16_t *pairs, 
     for (int c = 0; c < 4; c++) load_factors(pairs + 16 * c, &scale[c], &zero[c]);
     for (int k = 0; k < group; k++) {
         decode_k(bytes + k * 16, q);
-        for (int c = 0; c < 4; c++) _mm256_store_ps(tile + k * BLOCK_N + 8 * c, _mm256_fmadd_ps(q[c], scale[c], zero[c]));
+        for (int c = 0; c < 4; c++)
+            _mm256_store_ps(tile + k * BLOCK_N + 8 * c, _mm256_fmadd_ps(q[c], scale[c], zero[c]));
     }
 }
 
@@ -151,7 +153,8 @@ static void block_rows(const float *x, int M, int ldx, const uint8_t *codes, con
         dequantize_tile(codes + (int64_t)g * group * 16, table + (int64_t)g * N * 2, group, tile);
         const float *xg = x + (int64_t)g * group;
         int m = 0;
-        for (; m + 3 <= M; m += 3) tile_rows(3, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
+        for (; m + 3 <= M; m += 3)
+            tile_rows(3, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
         if (M - m == 2) tile_rows(2, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
         if (M - m == 1) tile_rows(1, xg + (int64_t)m * ldx, ldx, tile, group, y + (int64_t)m * ldy, ldy, g == 0);
     }
