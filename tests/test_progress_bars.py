@@ -7,7 +7,6 @@ import fcntl
 import os
 import pty
 import re
-import select
 import shutil
 import struct
 import subprocess
@@ -16,6 +15,7 @@ import termios
 
 import pytest
 from daemon_support import CHILD_PATH
+from pty_support import read_terminal
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": CHILD_PATH}
@@ -31,17 +31,7 @@ def in_terminal(*args: str) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, "-m", "hermesd.cli", *args], stdin=subprocess.DEVNULL, stdout=slave,
                             stderr=slave, env=ENV)
     os.close(slave)
-    output = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 300)
-        assert ready, "no output for five minutes"
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # the child closed its terminal
-            break
-        if not data:
-            break
-        output += data
+    output = read_terminal(master, 300)
     os.close(master)
     return proc.wait(60), output.decode(errors="replace")
 

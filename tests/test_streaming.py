@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from daemon_support import CHILD_PATH, start_daemon, write_config
 from gateway_support import start_gateway
 from hermes_client import Client
 from hermes_client.textchunks import TextChunks
+from pty_support import read_terminal
 from transformers import AutoTokenizer
 
 from hermesd.textstream import TextStream
@@ -117,18 +117,9 @@ def test_hermes_generate_prints_text_as_it_arrives_on_a_terminal(daemon, referen
                "--model", "smollm2", "--max-new-tokens", str(NEW), STORY]
     proc = subprocess.Popen(command, stdout=slave, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": CHILD_PATH})
     os.close(slave)
-    output, first_text_at = b"", None
-    while True:
-        ready, _, _ = select.select([master], [], [], 60)
-        assert ready, "no output for a minute"
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        output += data
-        first_text_at = first_text_at or time.monotonic()
+    arrivals: list[float] = []
+    output = read_terminal(master, 60, lambda data: arrivals.append(time.monotonic()))
+    first_text_at = arrivals[0]
     assert proc.wait(30) == 0, proc.stderr.read()
     assert time.monotonic() - first_text_at > 0.5, "text came while the job was still generating"
     assert output.decode().replace("\r\n", "\n") == reference + "\n"

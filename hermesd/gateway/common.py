@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from hermesd.gateway import translate
 from hermesd.gateway.bridge import DaemonBridge, DaemonJob
 from hermesd.gateway.config import GatewaySettings
 from hermesd.gateway.errors import GatewayError
@@ -32,6 +33,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 def bridge_of(request: web.Request) -> DaemonBridge:
     return request.app[BRIDGE]
+
+
+async def generating_model(request: web.Request, body: dict[str, Any], embed_endpoint: str) -> str:
+    """The configured name of the text-generating model ``body`` names; a clear error naming
+    ``embed_endpoint`` (this API's embeddings route) when the model only embeds or classifies."""
+    name = translate.model_name(body)
+    model = await bridge_of(request).model(name)
+    translate.require(translate.can_generate(model), f"model {name!r} does not generate text "
+                      f"({model['architecture']}); use {embed_endpoint}", "unsupported")
+    return model["name"]
 
 
 def now_iso() -> str:

@@ -16,7 +16,17 @@ from typing import Any
 from aiohttp import web
 
 from hermesd.gateway import translate
-from hermesd.gateway.common import bridge_of, iso, ndjson, now_iso, read_json, run_job, stream_job, wants_stream
+from hermesd.gateway.common import (
+    bridge_of,
+    generating_model,
+    iso,
+    ndjson,
+    now_iso,
+    read_json,
+    run_job,
+    stream_job,
+    wants_stream,
+)
 from hermesd.gateway.errors import GatewayError
 from hermesd.version import __version__
 
@@ -44,7 +54,7 @@ def error_body(exc: GatewayError) -> dict[str, Any]:
 # -- text ---------------------------------------------------------------------------------------------
 async def generate(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    model = await _generating_model(request, body)
+    model = await generating_model(request, body, "/api/embed")
     prompt = body.get("prompt")
     translate.require(isinstance(prompt, str), "field 'prompt' must be a string")
     if prompt == "":  # Ollama's load request, or with keep_alive 0 its unload request (`ollama stop`)
@@ -65,19 +75,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    model = await _generating_model(request, body)
+    model = await generating_model(request, body, "/api/embed")
     translate.refuse_tools(body)
     messages = translate.chat_messages(body.get("messages"))
     return await _answer(request, body, model, messages, translate.ollama_params(body),
                          lambda text: {"message": {"role": "assistant", "content": text}})
-
-
-async def _generating_model(request: web.Request, body: dict[str, Any]) -> str:
-    name = translate.model_name(body)
-    model = await bridge_of(request).model(name)
-    translate.require(translate.can_generate(model), f"model {name!r} does not generate text "
-                      f"({model['architecture']}); use /api/embed", "unsupported")
-    return model["name"]
 
 
 async def _answer(request: web.Request, body: dict[str, Any], model: str, inputs: Any, params: dict[str, Any],

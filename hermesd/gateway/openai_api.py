@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from hermesd.gateway import translate
-from hermesd.gateway.common import bridge_of, read_json, run_job, sse, stream_job, wants_stream
+from hermesd.gateway.common import bridge_of, generating_model, read_json, run_job, sse, stream_job, wants_stream
 from hermesd.gateway.errors import GatewayError
 
 SSE = "text/event-stream"
@@ -39,7 +39,7 @@ def error_body(exc: GatewayError) -> dict[str, Any]:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    model = await _generating_model(request, body)
+    model = await generating_model(request, body, "/v1/embeddings")
     translate.refuse_tools(body)
     messages = translate.chat_messages(body.get("messages"))
     return await _complete(request, body, model, messages, translate.openai_params(body), chat=True)
@@ -48,21 +48,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     """Plain text completion: the prompt is continued as it is, without the chat template."""
     body = await read_json(request)
-    model = await _generating_model(request, body)
+    model = await generating_model(request, body, "/v1/embeddings")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     translate.require(isinstance(prompt, str) and prompt != "", "field 'prompt' must be a non-empty string")
     params = {**translate.openai_params(body), "chat": False}
     return await _complete(request, body, model, prompt, params, chat=False)
-
-
-async def _generating_model(request: web.Request, body: dict[str, Any]) -> str:
-    name = translate.model_name(body)
-    model = await bridge_of(request).model(name)
-    translate.require(translate.can_generate(model), f"model {name!r} does not generate text "
-                      f"({model['architecture']}); use /v1/embeddings", "unsupported")
-    return model["name"]
 
 
 async def _complete(request: web.Request, body: dict[str, Any], model: str, inputs: Any, params: dict[str, Any],
