@@ -3,7 +3,8 @@ all active sequences; sequences join and leave at step boundaries.
 
 The batch keeps one transformers ``DynamicCache`` whose rows are the sequences, left-padded to a common
 length; a 2-D attention mask hides the padding and explicit position ids count each row's own tokens,
-so every row computes what it would compute alone. Joining sequences run their prompt pass together
+so every row computes what it would compute alone (attention runs row by row on each row's real keys,
+:mod:`hermesd.rowattention`, so even bf16 rounds as it does alone). Joining sequences run their prompt pass together
 (one sweep), then their cache rows are padded and concatenated onto the batch's. A leaving sequence's
 rows are dropped, and columns that became padding in every row are trimmed.
 
@@ -25,6 +26,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from hermesd.decoding import StepControl
 from hermesd.engine.engine import Engine
+from hermesd.rowattention import NAME, use_rowwise_attention
 from hermesd.tasks import GenerateParams, _check_length, _cut_at_stop, _eos_ids, _prompt_ids, task_problem
 
 
@@ -74,9 +76,13 @@ def prepare(engine: Engine, prompt: Any, params: GenerateParams, owner: Any = No
 class DecodeBatch:
     """The sequences decoding together on one engine, and their shared KV cache."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, rowwise_attention: bool = True) -> None:
         self.engine = engine
         self.model = engine.model
+        if rowwise_attention:
+            use_rowwise_attention(self.model)  # padded rows attend exactly as they would alone
+        elif self.model.config._attn_implementation == NAME:
+            self.model.set_attn_implementation("sdpa")
         self.eos = _eos_ids(engine, engine.tokenizer)
         tokenizer = engine.tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
