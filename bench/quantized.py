@@ -126,7 +126,8 @@ def contender_env(name: str) -> dict[str, str] | None:
 
 def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
     """The stores (made once, kept in ``work``): bf16, ``--quantize int8/int4`` of the same weights
-    (fp32 compute), and GGUF Q4_0/Q8_0 files imported with their blocks kept."""
+    (fp32 compute), and GGUF Q4_0/Q8_0 files imported with their blocks kept; each profiled (once
+    while its profile stays fresh), so plans count measured costs and peak slack."""
     work.mkdir(parents=True, exist_ok=True)
     stores = {name: work / f"tinyllama-{name}" for name in names}
     for name in ("bf16", "int8", "int4"):
@@ -143,6 +144,8 @@ def prepare(work: Path, names: tuple[str, ...] = STORES) -> dict[str, Path]:
             print(f"writing {source} (random weights, {qtype})", file=sys.stderr, flush=True)
             _write_gguf(source, qtype)
         _hermesd("convert", str(source), str(store), "--quiet", "--force")
+    for store in stores.values():  # plans with measured costs and slack, as a served model gets them
+        _hermesd("profile", str(store), "--quiet")
     return stores
 
 

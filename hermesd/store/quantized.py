@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hermesd.errors import StoreError
+from hermesd.quant import fastint4
 from hermesd.quant.cpu import KernelPolicy, default_policy
 from hermesd.quant.embedding import QuantEmbedding
 from hermesd.quant.int4pack import native_tag
@@ -51,25 +52,49 @@ def replaceable(module: nn.Module) -> str | None:
 # greedy tokens of those random-weight models, whose logits nearly tie.
 KERNEL_MIN_WEIGHTS = 1 << 22
 KERNEL_MIN_IN_FEATURES = 1024
+# hermesd's own int4 kernel multiplies fp32 activations and agrees with the exact product to ~1e-6, so
+# the accuracy reason above does not hold for it: ``--quantize int4`` Linears from this size on take it
+# too (TinyLlama's 256x2048 key/value projections, which de-quantized at every decode step). GGUF formats
+# keep the rule above: a kernel-ready table rounds their scales to bf16, and their small layers stay
+# exactly ggml's values.
+NATIVE_KERNEL_MIN_WEIGHTS = 1 << 18
+
+
+def takes_kernel(meta: QuantMeta) -> bool:
+    """Whether decode steps of a quantized Linear with ``meta`` take an integer kernel (else exact
+    de-quantize + ``F.linear``), by the sizes above."""
+    n, k = meta.shape
+    if k < KERNEL_MIN_IN_FEATURES:
+        return False
+    if n * k >= KERNEL_MIN_WEIGHTS:
+        return True
+    own_int4 = meta.format == "int4" and n % 32 == 0 and fastint4.available()
+    return own_int4 and n * k >= NATIVE_KERNEL_MIN_WEIGHTS
 
 
 @functools.lru_cache(maxsize=64)
-def store_policy(dtype: torch.dtype, weights: int = 0, in_features: int = 0) -> KernelPolicy:
-    """How a store's quantized Linear of ``weights`` weights and ``in_features`` inputs computes.
+def store_policy(dtype: torch.dtype, kernel: bool) -> KernelPolicy:
+    """How a store's quantized Linear computes; ``kernel`` from :func:`takes_kernel`.
 
-    Large layers: the machine's kernel policy, i.e. integer kernels for a few rows (decode steps;
-    activations rounded to the kernel's dtype, bf16 on x86) and exact de-quantize + ``F.linear`` in
-    ``dtype`` for prompts. Small layers: always exact de-quantize + ``F.linear``, which gives
-    ggml's fp32 values, so an fp32 store computes the logits of transformers' own fp32 load of the
-    GGUF. Streamed and resident stages take the same path, so their logits stay identical.
+    Kernel layers: the machine's kernel policy, i.e. integer kernels for a few rows (decode steps;
+    torch's round activations to the kernel's dtype, bf16 on x86; hermesd's own keeps fp32) and exact
+    de-quantize + ``F.linear`` in ``dtype`` for prompts. Others: always exact de-quantize +
+    ``F.linear``, which gives ggml's fp32 values, so an fp32 store computes the logits of transformers'
+    own fp32 load of the GGUF. Streamed and resident stages take the same path, so their logits stay
+    identical.
 
     The compute dtype is fp32: a bf16 SmolLM2 store decoded at about the same rate but its
     128-token prompt took 2.3 s against 0.5-0.7 s in fp32 (no AVX512-BF16/AMX: oneDNN emulates bf16
     matmuls), and it is not exact.
     """
-    if weights >= KERNEL_MIN_WEIGHTS and in_features >= KERNEL_MIN_IN_FEATURES:
+    if kernel:
         return dataclasses.replace(default_policy(), dense_dtype=dtype)
     return dataclasses.replace(default_policy(), kernel_max_m=0, int4x2_max_m=0, dense_dtype=dtype)
+
+
+def linear_policy(meta: QuantMeta, dtype: torch.dtype) -> KernelPolicy:
+    """The :func:`store_policy` of a quantized Linear with ``meta`` in a store of compute dtype ``dtype``."""
+    return store_policy(dtype, takes_kernel(meta))
 
 
 def stored_meta(meta: QuantMeta, dtype: torch.dtype = torch.float32) -> QuantMeta:
@@ -80,7 +105,7 @@ def stored_meta(meta: QuantMeta, dtype: torch.dtype = torch.float32) -> QuantMet
     streamed stage is bound as read, with no per-load preparation: building the table took as long as
     the kernel's multiply itself (bench/quantized.py, 2026-12-01). Other weights keep their format.
     """
-    policy = store_policy(dtype, meta.shape[0] * meta.shape[1], meta.shape[1])
+    policy = linear_policy(meta, dtype)
     if meta.bits != 4 or meta.table or kernel_path(meta, policy) != INT4:
         return meta
     return dataclasses.replace(meta, affine=True, code_offset=8, super_block=0, version=TABLE_VERSION,
@@ -142,7 +167,7 @@ def _quantized_module(model: nn.Module, path: str, meta: QuantMeta, dtype: torch
                          f"{tuple(meta.shape)}")
     if kind == LINEAR:
         return QuantLinear(meta, bias=module.bias is not None, bias_dtype=dtype, device="meta",
-                           policy=store_policy(dtype, shape[0] * shape[1], shape[1]))
+                           policy=linear_policy(meta, dtype))
     return QuantEmbedding(meta, out_dtype=dtype, padding_idx=module.padding_idx, device="meta")
 
 
@@ -180,7 +205,7 @@ def stage_compute_bytes(manifest: Manifest) -> dict[str, int]:
             prefix = f"{local}." if local else ""
             if any(name.startswith(prefix) for name in stage.gather):
                 continue
-            total += prepared_bytes(meta, store_policy(dtype, meta.shape[0] * meta.shape[1], meta.shape[1]))
+            total += prepared_bytes(meta, linear_policy(meta, dtype))
         out[stage.name] = total
     return out
 

@@ -73,3 +73,38 @@ def test_quant_linear_takes_it_for_one_token():
     assert y.dtype == torch.float32
     # fp32 accuracy: torch's bf16 kernel would be ~1e-3 off here, so this also shows which kernel ran
     assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-6
+
+
+def quant_meta(fmt: str, n: int, k: int):
+    """The meta of an ``n`` x ``k`` weight in format ``fmt`` (int4: ours; Q4_0: a GGUF block format)."""
+    from hermesd.quant.qweight import QuantMeta
+
+    return QuantMeta(format=fmt, shape=(n, k), bits=4, group_size=32, affine=fmt == "int4")
+
+
+@needs_kernel
+def test_narrow_own_int4_linears_take_the_kernel_and_gguf_ones_stay_exact():
+    from hermesd.store.quantized import takes_kernel
+
+    assert takes_kernel(quant_meta("int4", 256, 2048))  # TinyLlama's key/value projections
+    assert takes_kernel(quant_meta("int4", 5632, 2048)) and takes_kernel(quant_meta("Q4_0", 5632, 2048))
+    assert not takes_kernel(quant_meta("Q4_0", 256, 2048))  # GGUF: kernel tables round scales to bf16
+    assert not takes_kernel(quant_meta("int4", 96, 2048))  # 96 outputs: not whole blocks of 32
+    assert not takes_kernel(quant_meta("int4", 1536, 576))  # few inputs: the exact path, as before
+    assert not takes_kernel(quant_meta("int4", 64, 1024))  # too small to matter
+
+
+@needs_kernel
+def test_a_narrow_stored_linear_decodes_on_the_kernel_exactly():
+    from hermesd.store.quantized import linear_policy, stored_meta, to_stored
+
+    weight = quantize(torch.randn(256, 2048, generator=torch.Generator().manual_seed(3)) * 0.02, "int4", 32)
+    meta = stored_meta(weight.meta)
+    assert meta.table == "bfloat16"  # convert writes it kernel-ready
+    stored = to_stored(weight, meta)
+    module = QuantLinear.from_quantized(stored, policy=linear_policy(meta, torch.float32))
+    x = torch.randn(1, 1, 2048)
+    exact = x.double() @ stored.dequantize(torch.float32).double().t()
+    y = module(x)
+    assert module._prepared is not None  # the kernel path (de-quantizing prepares nothing)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-6
