@@ -76,8 +76,9 @@ def analyse(name: str, cap: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "load+run <= 1.05 x max(io-only, compute-only)": _ratio(hermesd, bound, 1.05),
         "plan <= hermesd-k0": _ratio(hermesd, total["hermesd-k0"], 1.0),
         "plan <= accelerate": _ratio(hermesd, total["accelerate"], 1.0),
-        # the issue asks it of compute-bound scenarios; where the disk is the bound, loads set the pace
-        "own compute <= 1.05 x compute-only": _ratio(own, compute, 1.05) if (compute or 0) >= (io or 0)
+        # the issue asks it of compute-bound scenarios; where the disk is clearly the bound (compute-only
+        # under 80 % of it), loads set the pace and compute may stretch into the waits at no cost
+        "own compute <= 1.05 x compute-only": _ratio(own, compute, 1.05) if (compute or 0) >= 0.8 * (io or 0)
         else {"pass": None, "ratio": round(own / compute, 3) if own and compute else None, "note": "I/O-bound"},
         "peak <= cap": _ratio(result["peak_mib"], cap / MIB, 1.0),
         "outputs bit-identical": {"pass": result["outputs_identical"]},
