@@ -9,8 +9,9 @@ files (random weights written with ``gguf.quants``) imported with their blocks k
 named ``STORE/torch`` is that store on torch's int4 kernel instead of hermesd's. Each child plans with
 ``hermesd.load(store, memory_budget=BUDGET, workload=128+32)`` and runs a 128-token prompt plus
 32 new tokens. Reported per store: store bytes, bytes streamed per decode step, prompt seconds, decode
-tokens/s, that rate against the disk bound (read GB/s ÷ bytes per step), peak RSS, OOM kills; and uncapped,
-with the automatic budget: decode tokens/s with nothing streamed after the first pass.
+tokens/s, that rate against the disk bound (GB/s of a cold pass with hermesd's reader, measured every
+round, ÷ bytes per step), peak RSS, OOM kills; and uncapped, with the automatic budget: decode
+tokens/s with nothing streamed after the first pass.
 """
 
 from __future__ import annotations
@@ -182,26 +183,25 @@ def summarise(runs: list[dict[str, Any]], read_gbps: float) -> dict[str, Any]:
 
 
 def cold_read_gbps(store: Path) -> float:
-    """GB/s of cold O_DIRECT reads of the store's largest stage files in 64 MiB pieces: how the engine reads them.
+    """GB/s of one cold pass over the store with hermesd's own reader and buffer (O_DIRECT, 64 MiB
+    reads into pre-faulted memory): the rate the engine can stream at.
 
-    (Buffered cold reads measured 0.27-0.47 GB/s on this VM against 1.7 GB/s direct, so a buffered
-    number would understate the disk bound fourfold.)
+    (A plain ``os.readv`` loop over the same files measured 0.6-1.0 GB/s while the engine streamed
+    1.8 GB/s, and buffered cold reads 0.27-0.47 GB/s: either would understate the disk bound.)
     """
-    import mmap
+    from hermesd.engine.bufferpool import map_memory
+    from hermesd.engine.reader import StageReader
+    from hermesd.store.manifest import Manifest
 
-    files = sorted(weight_files(store), key=lambda p: -p.stat().st_size)[:6]
-    evict(files)
-    buffer = mmap.mmap(-1, 64 << 20)  # the engine reads in 64 MiB pieces: 16 MiB reads ran at half its rate
-    started, total = time.perf_counter(), 0
-    for path in files:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            while (got := os.readv(fd, [buffer])) > 0:
-                total += got
-        finally:
-            os.close(fd)
-    evict(files)
-    return total / (time.perf_counter() - started) / 1e9
+    reader = StageReader(store, Manifest.load(store))
+    names = [stage.name for stage in reader.manifest.stages]
+    view = memoryview(map_memory(max(reader.span(name) for name in names)))
+    evict(weight_files(store))
+    started = time.perf_counter()
+    total = sum(reader.read(name, view)[1] for name in names)
+    seconds = time.perf_counter() - started
+    evict(weight_files(store))
+    return total / seconds / 1e9
 
 
 def memory_gbps(size: int = 1 << 30) -> float:
@@ -225,15 +225,17 @@ def _progress(name: str, run: dict[str, Any]) -> None:
 def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, ...] = STORES) -> dict[str, Any]:
     made = prepare(work, tuple(dict.fromkeys(n.removesuffix(TORCH_KERNEL) for n in names)))
     stores = {name: made[name.removesuffix(TORCH_KERNEL)] for name in names}
-    read_gbps = cold_read_gbps(stores["bf16"])
+    reads = []  # the disk's rate drifts (0.6-2 GB/s over a day here): measured in every round
     capped: dict[str, list[dict[str, Any]]] = {name: [] for name in stores}
     for round_number in range(rounds):  # alternate contenders, so drift hits them alike
+        reads.append(cold_read_gbps(stores["bf16"]))
         for name, store in stores.items():
             print(f"round {round_number + 1}/{rounds}: {name} under {format_size(cap)}", file=sys.stderr, flush=True)
             # plan for exactly this run's tokens: the default 512-token workload's activations alone
             # (328 MiB for this shape) leave too little of a 680 MiB budget since the minimum counts them
             capped[name].append(run_one(store, budget, cap, env=contender_env(name), fit_workload=True))
             _progress(name, capped[name][-1])
+    read_gbps = median(reads)
     uncapped = {}
     for name, store in stores.items():
         print(f"uncapped, automatic budget: {name}", file=sys.stderr, flush=True)
@@ -256,6 +258,7 @@ def run_suite(work: Path, cap: int, budget: str, rounds: int, names: tuple[str, 
         summary[name]["tokens_equal_resident"] = same if summary[name].get("ok") and uncapped[name].get("ok") else None
         summary[name].pop("tokens", None)
     return {"machine": machine_facts(), "cap_bytes": cap, "budget": budget, "read_gbps": read_gbps,
+            "read_gbps_rounds": reads,
             "memory_gbps": memory_gbps(),
             "rounds": rounds, "prompt_tokens": PROMPT, "new_tokens": NEW, "stores": summary}
 
