@@ -88,6 +88,22 @@ def test_greedy_generate_batched_is_token_identical_to_solo_with_joins_and_leave
     assert records[3]["started"] > min(r["finished"] for r in records[:3]) - 0.5
 
 
+def test_generate_jobs_queued_before_a_batch_opens_share_its_first_prompt_pass(daemon, solo):
+    client = daemon.client(timeout=120)
+    blocker = client.submit("forward", "smollm2", " ".join(["lighthouse"] * 120), progress=True)
+    next(iter(blocker.progress(timeout=120)))  # the executor is busy: the generate jobs queue up together
+    jobs = [client.submit("generate", "smollm2", PROMPTS[i], {"max_new_tokens": TOKENS[i]})
+            for i in range(MAX_BATCH)]
+    blocker.result(120)
+    results = [job.result(300) for job in jobs]
+    for index, result in enumerate(results):
+        _same(result, solo[PROMPTS[index]])
+        assert result["stats"]["batch"] == MAX_BATCH
+    # one prompt sweep for all three, then one sweep per step: the longest saw no joiner's extra sweep
+    longest = max(range(MAX_BATCH), key=lambda i: TOKENS[i])
+    assert results[longest]["stats"]["passes"] == TOKENS[longest]
+
+
 def test_each_member_of_a_batch_streams_its_own_text(daemon, solo):
     client = daemon.client(timeout=120)
     jobs = [client.submit("generate", "smollm2", PROMPTS[i], {"max_new_tokens": TOKENS[i]}, progress=True)

@@ -12,7 +12,8 @@ At every step boundary:
 3. when the batch is full and the head job has a higher priority than a member, the lowest-priority
    member (the latest to join among equals) is put back in the queue (it restarts later from its
    prompt; seeds make its result the same) and the head job takes its place at once;
-4. joiners run their prompt pass together (one sweep) and the step runs.
+4. joiners run their prompt pass together (one sweep) and the step runs. Jobs already queued when a
+   batch opens (submitted together, or while the model was loading) join its first prompt pass.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _Loop:
             if not supports_batching(engine):
                 self.limit = 1
             joining = self._prepared([first])
+            joining += self._take_joiners(joining)  # queued meanwhile (while the model opened): one prompt sweep
             engine.set_checkpoint(self.progress.stage)
             with engine.span():
                 self._loop(joining)
@@ -167,13 +169,14 @@ class _Loop:
         return stats
 
     # -- joining ------------------------------------------------------------------------------
-    def _take_joiners(self) -> list[Sequence]:
-        """Queued generate jobs for this model from the head of the queue, while they fit."""
+    def _take_joiners(self, joining: list[Sequence] = ()) -> list[Sequence]:
+        """Queued generate jobs for this model from the head of the queue, while they fit beside the
+        batch and ``joining`` (sequences about to join already)."""
         if self.executor.stopping:  # draining: queued jobs stay journaled for the next start
             return []
         self._preempt_for_head()
-        state = _Admission(self)
-        taken = self.executor.jobs.take(state.wanted, max(0, self.limit - len(self.batch)))
+        state = _Admission(self, list(joining))
+        taken = self.executor.jobs.take(state.wanted, max(0, self.limit - len(self.batch) - len(joining)))
         if not taken:
             return []
         self.probes.update(state.probes)
@@ -210,10 +213,10 @@ def _compatible(job: QueuedJob, host: ModelHost) -> bool:
 class _Admission:
     """Decides, in queue order, which queued jobs join now: compatible, in room, never past the head."""
 
-    def __init__(self, loop: _Loop) -> None:
+    def __init__(self, loop: _Loop, joining: list[Sequence]) -> None:
         self.loop = loop
         self.closed = False
-        self.joining: list[Sequence] = []
+        self.joining = joining
         self.probes: dict[str, Sequence] = {}
         self.room = allowance(loop.host.plan) if loop.host.plan is not None else None
 
