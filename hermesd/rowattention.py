@@ -19,16 +19,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "hermesd_rows"
+# transformers' attention and mask modules are imported on first use, not with this module: they pull
+# in its modeling stack (+75-90 MiB RSS), which a daemon that has not opened a model yet does not hold,
+# and budgets are checked against the daemon's RSS at startup.
 
 
 def rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, run per row on each row's unpadded keys (see the module doc)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     starts = None
     if query.shape[0] > 1 and attention_mask is not None and _plain(kwargs):
         starts = left_padding(attention_mask, query.shape[-2], key.shape[-2])
@@ -82,6 +84,9 @@ def use_rowwise_attention(model: nn.Module) -> bool:
         return True
     if current != "sdpa":
         return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(NAME, rowwise_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets: None where it may skip one
     model.set_attn_implementation(NAME)
