@@ -77,7 +77,8 @@ def agreement(solo: list[list[int]], batched: list[list[int]]) -> dict[str, Any]
         same += sum(x == y for x, y in pairs)
         total += length
         first.append(next((i for i, (x, y) in enumerate(pairs) if x != y), None))
-    return {"agree": same / max(total, 1), "tokens": total, "identical_jobs": first.count(None), "first_divergence": first}
+    return {"agree": same / max(total, 1), "tokens": total, "identical_jobs": first.count(None),
+            "first_divergence": first}
 
 
 def measure(store: Path, tokens: int, modes: list[str]) -> dict[str, Any]:
