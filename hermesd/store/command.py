@@ -39,7 +39,10 @@ def add_convert(commands) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     bars = progressbar.configure(args.quiet)  # before transformers loads: it reads the switches then
+    from hermesd.memory import return_large_frees
     from hermesd.store.convert import convert, open_source
+
+    return_large_frees()  # each stage's tensors are freed before the next: give the memory back
 
     if args.random_config is not None and len(args.paths) != 1:
         raise HermesError("with --random-config give only DEST")
