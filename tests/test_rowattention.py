@@ -42,11 +42,12 @@ def test_other_masks_are_left_to_plain_sdpa():
     assert left_padding(causal_left_padded([0], 6, 6)[:, :, :, :5], 6, 6) is None  # wrong shape
 
 
-@pytest.fixture(scope="module")
-def bf16_llama(converted, tmp_path_factory):
-    """The tiny random Llama (grouped key/value heads) as a bf16 store, fully resident."""
-    store = tmp_path_factory.mktemp("rows") / "llama-bf16"
-    convert(open_source(converted("llama").hf_dir), store, dtype="bf16")
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def bf16_decoder(request, converted, tmp_path_factory):
+    """A tiny random decoder as a bf16 store, fully resident: Llama (grouped key/value heads, rotary
+    positions) and GPT-2 (learned positions)."""
+    store = tmp_path_factory.mktemp("rows") / f"{request.param}-bf16"
+    convert(open_source(converted(request.param).hf_dir), store, dtype="bf16")
     save_tiny_tokenizer(store, VOCAB)  # DecodeBatch reads its end and padding tokens
     return hermesd.load(store)
 
@@ -91,17 +92,17 @@ def same(runs_a: list, runs_b: list) -> bool:
     return all(ta == tb and torch.equal(la, lb) for (ta, la), (tb, lb) in zip(runs_a, runs_b, strict=True))
 
 
-def test_bf16_batch_equals_each_sequence_alone(bf16_llama):
-    assert bf16_llama.manifest.dtype == "bfloat16"
-    alone = [decode(bf16_llama, [p], 12, rowwise=True)[0] for p in PROMPTS]
-    assert same(decode(bf16_llama, PROMPTS, 12, rowwise=True), alone)
-    assert same(decode(bf16_llama, PROMPTS, 12, rowwise=True, join_after=4), alone)
-    assert bf16_llama.model.config._attn_implementation == NAME
+def test_bf16_batch_equals_each_sequence_alone(bf16_decoder):
+    assert bf16_decoder.manifest.dtype == "bfloat16"
+    alone = [decode(bf16_decoder, [p], 12, rowwise=True)[0] for p in PROMPTS]
+    assert same(decode(bf16_decoder, PROMPTS, 12, rowwise=True), alone)
+    assert same(decode(bf16_decoder, PROMPTS, 12, rowwise=True, join_after=4), alone)
+    assert bf16_decoder.model.config._attn_implementation == NAME
 
 
-def test_padded_sdpa_is_what_rounds_differently(bf16_llama):
+def test_padded_sdpa_is_what_rounds_differently(bf16_decoder):
     """The reason for the row-wise path: plain SDPA over the padded batch does not give the lone logits,
     while one row computes the same with either implementation."""
-    alone = [decode(bf16_llama, [p], 12, rowwise=False)[0] for p in PROMPTS]
-    assert same(alone, [decode(bf16_llama, [p], 12, rowwise=True)[0] for p in PROMPTS])
-    assert not same(decode(bf16_llama, PROMPTS, 12, rowwise=False), alone)
+    alone = [decode(bf16_decoder, [p], 12, rowwise=False)[0] for p in PROMPTS]
+    assert same(alone, [decode(bf16_decoder, [p], 12, rowwise=True)[0] for p in PROMPTS])
+    assert not same(decode(bf16_decoder, PROMPTS, 12, rowwise=False), alone)
