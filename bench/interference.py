@@ -52,12 +52,12 @@ def start_reader(files: list[Path], mode: str) -> subprocess.Popen:
     return subprocess.Popen([*READER_PREFIX[mode], "bash", "-c", script, "reader", *map(str, files)])
 
 
-def reader_gbps(files: list[Path], seconds: float, prefix: list[str]) -> float:
+def reader_gbps(files: list[Path], seconds: float) -> float:
     """GB/s of O_DIRECT reads of ``files`` for about ``seconds`` with nothing else running."""
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         for f in files:
-            subprocess.run([*prefix, "dd", f"if={f}", "of=/dev/null", "bs=64M", "iflag=direct", "status=none"],
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=64M", "iflag=direct", "status=none"],
                            check=True)
             done += f.stat().st_size
             if time.perf_counter() - started >= seconds:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = statistics.median(r[mode]["compute_s"] for r in rounds)
         report[mode] = {"compute_s": seconds, "slowdown": seconds / alone,
                         "steal_s": statistics.median(r[mode]["steal_s"] for r in rounds)}
-    report["reader_alone_gbps"] = reader_gbps(files, 5.0, [])
+    report["reader_alone_gbps"] = reader_gbps(files, 5.0)
     if args.json:
         print(json.dumps(report))
     else:

@@ -33,7 +33,7 @@ def rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
 
     starts = None
     if query.shape[0] > 1 and attention_mask is not None and _plain(kwargs):
-        starts = left_padding(attention_mask, query.shape[-2], key.shape[-2])
+        starts = _cached_left_padding(attention_mask, query.shape[-2], key.shape[-2])
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, _, q_len, _ = query.shape
@@ -57,23 +57,29 @@ def left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> list[int] | Non
     exactly "causal, after ``start`` padding columns" in every row; ``None`` for any other mask."""
     if mask.dim() != 4 or mask.shape[-2:] != (q_len, kv_len):
         return None
-    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     if mask.shape[1] > 1 and not bool((mask == mask[:, :1]).all()):
         return None
-    keys = torch.arange(kv_len)
-    causal = keys[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]  # [Q, K]
-    starts = []
-    for row in allowed:
-        last = row[-1]
-        if not bool(last.any()):
-            return None
-        start = int(last.nonzero()[0])
-        expected = causal & (keys >= start)[None, :]
-        real = torch.arange(kv_len - q_len, kv_len) >= start  # query rows that are real tokens
-        if not torch.equal(row[real], expected[real]):
-            return None
-        starts.append(start)
-    return starts
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # [B, Q, K]
+    last = allowed[:, -1]  # the last query sees every real key of its row
+    if not bool(last.any(dim=-1).all()):
+        return None
+    starts = last.int().argmax(dim=-1)  # first True per row
+    keys, queries = torch.arange(kv_len), torch.arange(kv_len - q_len, kv_len)
+    expected = (keys <= queries[:, None]) & (keys >= starts[:, None, None])  # [B, Q, K]
+    real = queries >= starts[:, None]  # [B, Q]: query rows that are real tokens
+    return starts.tolist() if torch.equal(allowed[real], expected[real]) else None
+
+
+_last_mask: tuple[torch.Tensor, int, int, list[int] | None] | None = None
+
+
+def _cached_left_padding(mask: torch.Tensor, q_len: int, kv_len: int) -> list[int] | None:
+    """:func:`left_padding`, read once per forward: every layer gets the same mask object."""
+    global _last_mask
+    cached = _last_mask  # one read: another thread may replace it, never change it
+    if cached is None or cached[0] is not mask or cached[1:3] != (q_len, kv_len):
+        cached = _last_mask = (mask, q_len, kv_len, left_padding(mask, q_len, kv_len))  # holds the mask: no id reuse
+    return cached[3]
 
 
 def use_rowwise_attention(model: nn.Module) -> bool:
