@@ -46,14 +46,14 @@ def codes_into(qw: QuantizedWeight, out: torch.Tensor, codes: torch.Tensor | Non
     stored in a kernel layout are otherwise converted back here).
     """
     meta = qw.meta
-    if codes is None:
+    if codes is None and meta.bits == 4:
         codes = qw.qweight
-        if meta.bits == 4 and meta.packing != ROWMAJOR:
+        if meta.packing != ROWMAJOR:
             codes = repack(codes, meta.packing, ROWMAJOR)
     if meta.bits == 4:
         unpack_nibbles(codes, out=out)
     else:
-        out.copy_(codes)
+        out.copy_(qw.byte_codes() if codes is None else codes)
     if meta.code_offset:  # exact: small integers
         out.sub_(meta.code_offset)
     return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hermesd.errors import ConvertError
+from hermesd.quant.bitplanes import PLANES
 from hermesd.quant.dequant import dequantize
 from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, register_stored_buffers
@@ -33,7 +34,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, qmeta: QuantMeta, out_dtype: torch.dtype = torch.float32, padding_idx: int | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if qmeta.packing != ROWMAJOR:  # kernel layouts mix rows within a byte: rows could not be picked
+        if qmeta.packing not in (ROWMAJOR, PLANES):  # kernel layouts mix rows within a byte: no rows to pick
             raise ConvertError(f"a quantized embedding table needs row-major codes, not {qmeta.packing!r}")
         self.qmeta = qmeta
         self.num_embeddings, self.embedding_dim = qmeta.shape
@@ -50,7 +51,7 @@ class QuantEmbedding(nn.Module):
         picked = {s: t.index_select(0, index) for s, t in self.parts().items()}
         meta = dataclasses.replace(self.qmeta, shape=(int(index.numel()), self.embedding_dim))
         qw = QuantizedWeight(meta, picked["qweight"], picked["scales"], picked.get("zeros"),
-                             picked.get("super_scales"))
+                             picked.get("super_scales"), picked.get("qhigh"))
         return dequantize(qw, self.out_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,7 @@ class GGUFModelFile:
         self._header: GGUFHeader = read_header(self.path)
         self.metadata = self._header.metadata
         values = config_dict(self._header)
+        self._config_values = values
         self.config: transformers.PretrainedConfig = build_config(self._header, values)
         model = _meta_model(self.config, self.path)
         self.architecture: str = type(model).__name__
@@ -111,6 +114,16 @@ class GGUFModelFile:
             raise KeyError(f"{hf_name}: {why}")
         return self._record(plan)
 
+    def release_rows(self, hf_name: str, start: int, stop: int) -> None:
+        """Drop the pages of rows ``start:stop`` of a parameter whose record views the map directly
+        (no transform), once they are decoded: a large tensor then never sits in memory whole."""
+        plan = self._by_name.get(hf_name)
+        if plan is None or plan.transform is not None or len(plan.sources) != 1:
+            return
+        width = row_bytes(plan.ggml_type, plan.shape[-1])
+        begin = plan.sources[0].start
+        self._drop_pages(begin + start * width, begin + stop * width)
+
     def release(self, hf_name: str) -> None:
         """Drop the pages of parameter ``hf_name`` from this process (see ``tensors``); a memory hint only."""
         plan = self._by_name.get(hf_name)
@@ -120,15 +133,16 @@ class GGUFModelFile:
     def save_tokenizer(self, dest: str | Path) -> list[str]:
         """Write the tokenizer transformers builds from this file into ``dest``; return the new file names.
 
-        Goes through ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``, which parses the whole
-        vocabulary with gguf-py: a transient cost of the order of 100-200 MB for a 50 k vocabulary.
+        Goes through ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``, which picks the tokenizer
+        class from the model config (see :func:`_known_gguf_config`) and reads the vocabulary itself.
         """
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in dest.iterdir()}
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
+            with _known_gguf_config(self.path, self._config_values):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
             tokenizer.save_pretrained(str(dest))
         except (ValueError, OSError, KeyError, TypeError) as exc:
             raise ConvertError(f"{self.path}: transformers cannot build a tokenizer from this file: {exc}") from exc
@@ -167,11 +181,42 @@ class GGUFModelFile:
 
     def _release(self, plan: TensorPlan) -> None:
         for info in plan.sources:
-            start = info.start - info.start % _PAGE  # madvise wants a page-aligned start
-            try:
-                self._header.mapping.madvise(mmap.MADV_DONTNEED, start, info.start + info.nbytes - start)
-            except (OSError, ValueError, AttributeError):  # not Linux, or mapping closed: only a memory hint
-                return
+            self._drop_pages(info.start, info.start + info.nbytes)
+
+    def _drop_pages(self, begin: int, end: int) -> None:
+        """``MADV_DONTNEED`` over file bytes ``begin:end`` (pages shared with neighbours are re-read if used)."""
+        start = begin - begin % _PAGE  # madvise wants a page-aligned start
+        try:
+            self._header.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError, AttributeError):  # not Linux, or mapping closed: only a memory hint
+            pass
+
+
+@contextlib.contextmanager
+def _known_gguf_config(path: Path, values: dict) -> Iterator[None]:
+    """While inside, transformers' legacy GGUF config reader answers for ``path`` with ``values``.
+
+    ``AutoTokenizer`` builds the model config only to choose the tokenizer class; for architectures
+    outside ``GGUF_CONFIG_ARCHS`` it calls ``load_gguf_checkpoint(path, return_tensors=False)``, whose
+    gguf-py reader decodes every metadata string: +95 MiB and 3.7 s for TinyLlama's file, the peak
+    of the whole convert. ``values`` is that same config (:func:`config_dict`, tested equal), so the
+    call is answered from it; any other call goes through.
+    """
+    from transformers import modeling_gguf_pytorch_utils as utils
+
+    original = utils.load_gguf_checkpoint
+    target = path.resolve()
+
+    def answer(gguf_path: str | Path, return_tensors: bool = False, *args: object, **kwargs: object) -> dict:
+        if not return_tensors and Path(gguf_path).resolve() == target:
+            return {"config": copy.deepcopy(values)}
+        return original(gguf_path, return_tensors, *args, **kwargs)
+
+    utils.load_gguf_checkpoint = answer
+    try:
+        yield
+    finally:
+        utils.load_gguf_checkpoint = original
 
 
 def open_gguf(path: str | Path, *, dequantize: bool = False) -> GGUFModelFile:

@@ -73,7 +73,7 @@ def prepared_bytes(meta: QuantMeta, policy: KernelPolicy) -> int:
         stored_table = meta.table == str(policy.kernel_dtype).removeprefix("torch.")
         return (0 if stored_table else meta.groups * n * 2 * item) + copy
     if path == INT4X2:
-        return n * k + 2 * meta.groups * n * 2 * item
+        return n * k + 2 * meta.groups * n * 2 * item  # planes: + the byte codes, freed after preparing
     return 0
 
 
@@ -139,7 +139,7 @@ def prepare_int4x2(qw: QuantizedWeight, dtype: torch.dtype) -> Prepared:
     ``128 s``; low plane: code ``l``, scale ``s``, zero ``8 s + z``. Every zero except the affine
     low one is a power-of-two multiple of ``s``, so no large terms cancel.
     """
-    codes = qw.qweight
+    codes = qw.byte_codes()
     signed = codes.dtype == torch.int8
     high = (codes >> 4).to(torch.int16) + (8 if signed else 0)
     low = codes & 0x0F
@@ -149,13 +149,13 @@ def prepare_int4x2(qw: QuantizedWeight, dtype: torch.dtype) -> Prepared:
     hi_zero = torch.zeros_like(scale) if signed else 128 * scale
     sz = torch.cat([_int4_scale_zeros(16 * scale, hi_zero, dtype),
                     _int4_scale_zeros(scale, 8 * scale + zero, dtype)], dim=1)
-    return Prepared(INT4X2, to_kernel_layout(planes, out=planes), sz)
+    return Prepared(INT4X2, to_kernel_layout(planes, out=planes), sz, qw.meta.packing)
 
 
 def prepare(qw: QuantizedWeight, path: str, dtype: torch.dtype, inplace: bool = False) -> Prepared:
     """Kernel-ready tensors for ``path`` (``int8`` binds the stored codes as they are)."""
     if path == INT8:
-        return Prepared(INT8, qw.qweight, qw.scales.reshape(-1).to(dtype))
+        return Prepared(INT8, qw.qweight, qw.scales.reshape(-1).to(dtype), qw.meta.packing)
     if path == INT4:
         return prepare_int4(qw, dtype, inplace)
     if path == INT4X2:
@@ -208,7 +208,8 @@ def _rows_view(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
         return QuantizedWeight(meta, rows(qw.qweight), qw.scales[:, start:stop])  # type: ignore[arg-type]
 
     meta = dataclasses.replace(qw.meta, shape=(stop - start, qw.meta.shape[1]))
-    return QuantizedWeight(meta, rows(qw.qweight), rows(qw.scales), rows(qw.zeros), rows(qw.super_scales))  # type: ignore[arg-type]
+    return QuantizedWeight(meta, rows(qw.qweight), rows(qw.scales), rows(qw.zeros), rows(qw.super_scales),  # type: ignore[arg-type]
+                           rows(qw.qhigh))
 
 
 def run_dense(x2: torch.Tensor, qw: QuantizedWeight, policy: KernelPolicy,

@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         if self._prepared is not None and self._is_current():
             packing = self._prepared.bound_packing  # changed by prepare(inplace=True)
         meta = dataclasses.replace(self.qmeta, packing=packing)
-        return QuantizedWeight(meta, self.qweight, self.scales, self.zeros, self.super_scales)
+        return QuantizedWeight(meta, self.qweight, self.scales, self.zeros, self.super_scales, self.qhigh)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` (the reference the kernels are tested against)."""
@@ -92,7 +92,8 @@ class QuantLinear(nn.Module):
         """
         if self._is_current() and self._prepared is not None:
             return self._prepared.path
-        qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales)
+        qw = QuantizedWeight(self.qmeta, self.qweight, self.scales, self.zeros, self.super_scales,
+                             self.qhigh)
         path = self.small_m_path()
         if path == DENSE:
             self._prepared = None

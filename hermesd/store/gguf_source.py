@@ -5,7 +5,8 @@ under transformers' names, blocks untouched. Each quantized weight of a plain ``
 ``nn.Embedding`` becomes the stored tensors of a ``QuantizedWeight`` (ggml's values exactly; see
 ``hermesd.quant.qweight``); every other tensor (norms, biases, F32/F16 weights, and quantized
 weights of modules we cannot swap) is stored as floats, those last de-quantized one tensor at a time.
-Peak memory is therefore about one tensor's decoded blocks, not the model.
+Each quantized weight is decoded a block of rows at a time (``hermesd.store.rowblocks``), so peak
+memory is the stage being written plus a few MiB of decoded blocks, not the model.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from hermesd.quant.gguf_file import open_gguf
 from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.qweight import QuantizedWeight, QuantMeta, from_gguf, gguf_meta
 from hermesd.store.quantized import EMBEDDING, is_quant_part, replaceable, stored_meta, to_stored, weight_groups
+from hermesd.store.rowblocks import assemble_rows, part_meta, row_spans
 from hermesd.store.stages import StageSpec
 
 _FLOATS = {"F32": np.float32, "F16": np.float16}
+DECODE_BLOCK_BYTES = 4 << 20  # decoded codes (a byte each) per block of rows: bounds the temporaries
 
 
 class GGUFQuantSource:
@@ -89,8 +92,14 @@ class GGUFQuantSource:
         if self._current is None or self._current[0] != module:
             name = f"{module}.weight"
             record = self.file.tensor(name)
-            qw = to_stored(from_gguf(record.raw, record.ggml_type, record.shape, packing=self.metas[module].packing),
-                           self.metas[module])
+            meta, k = self.metas[module], record.shape[1]
+
+            def rows(start: int, stop: int) -> QuantizedWeight:
+                part = from_gguf(record.raw[start:stop], record.ggml_type, (stop - start, k), packing=meta.packing)
+                self.file.release_rows(name, start, stop)
+                return to_stored(part, part_meta(meta, start, stop))
+
+            qw = assemble_rows(meta, row_spans(record.shape[0], k, DECODE_BLOCK_BYTES), rows)
             self.file.release(name)
             self._current = (module, qw)
         return self._current[1]

@@ -16,7 +16,6 @@ What stays float, and why:
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from hermesd.quant.int4pack import ROWMAJOR
 from hermesd.quant.quantizer import DEFAULT_GROUP, INT4_GROUPS, quantize
 from hermesd.quant.qweight import SUFFIXES, QuantizedWeight, QuantMeta, resolve_packing
 from hermesd.store.quantized import LINEAR, replaceable, stored_meta, to_stored, weight_groups
+from hermesd.store.rowblocks import assemble_rows, part_meta, row_spans
 from hermesd.store.sources import Source
 from hermesd.store.stages import StageSpec, build_skeleton, find_stages
 
@@ -124,33 +124,21 @@ def quantize_by_rows(weight: torch.Tensor, scheme: str, meta: QuantMeta) -> tupl
     """``weight`` quantized to its stored form ``meta``, a block of rows at a time, with the squared
     error of the stored weight and the squared norm of ``weight`` (both summed in fp64).
 
-    Rows are independent in every scheme (groups run along K), so blocks quantize separately; blocks
-    are whole multiples of 64 rows, which keeps every int4 kernel layout's 32/64-row blocks intact
-    when they are joined. Done whole, the fp32/fp64 temporaries of a 32000x2048 head took ~3 GiB.
+    Rows are independent in every scheme (groups run along K), so blocks quantize separately
+    (:mod:`hermesd.store.rowblocks`). Done whole, the fp32/fp64 temporaries of a 32000x2048 head took ~3 GiB.
     """
     n, k = meta.shape
-    rows = max(64, ROW_BLOCK_BYTES // (4 * k) // 64 * 64)
-    parts, squared_error, squared_norm = [], 0.0, 0.0
-    for start in range(0, n, rows):
-        block = weight[start:start + rows].to(torch.float32)
-        part = to_stored(quantize(block, scheme, meta.group_size), dataclasses.replace(meta, shape=tuple(block.shape)))
-        squared_error += float(torch.sum((part.dequantize().double() - block.double()) ** 2))
-        squared_norm += float(torch.sum(block.double() ** 2))
-        parts.append(part)
-    return join_rows(parts, meta), squared_error, squared_norm
+    sums = [0.0, 0.0]  # squared error, squared norm
 
+    def rows(start: int, stop: int) -> QuantizedWeight:
+        block = weight[start:stop].to(torch.float32)
+        part = to_stored(quantize(block, scheme, meta.group_size), part_meta(meta, start, stop))
+        sums[0] += float(torch.sum((part.dequantize().double() - block.double()) ** 2))
+        sums[1] += float(torch.sum(block.double() ** 2))
+        return part
 
-def join_rows(parts: list[QuantizedWeight], meta: QuantMeta) -> QuantizedWeight:
-    """The weight whose row blocks are ``parts`` (a kernel table ``[groups, N, 2]`` joins along N)."""
-    if len(parts) == 1:
-        return parts[0]
-
-    def joined(name: str, dim: int) -> torch.Tensor | None:
-        tensors = [getattr(p, name) for p in parts]
-        return None if tensors[0] is None else torch.cat(tensors, dim=dim)
-
-    return QuantizedWeight(meta, joined("qweight", 0), joined("scales", 1 if meta.table else 0),
-                           joined("zeros", 0), joined("super_scales", 0))
+    qw = assemble_rows(meta, row_spans(n, 4 * k, ROW_BLOCK_BYTES), rows)
+    return qw, sums[0], sums[1]
 
 
 def with_quantization(source: Source, scheme: str | None, group_size: int | None) -> Source:
