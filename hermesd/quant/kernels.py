@@ -73,7 +73,8 @@ def prepared_bytes(meta: QuantMeta, policy: KernelPolicy) -> int:
         stored_table = meta.table == str(policy.kernel_dtype).removeprefix("torch.")
         return (0 if stored_table else meta.groups * n * 2 * item) + copy
     if path == INT4X2:
-        return n * k + 2 * meta.groups * n * 2 * item  # planes: + the byte codes, freed after preparing
+        # a weight stored in bit planes also unpacks to n*k byte codes while preparing (transient)
+        return n * k + 2 * meta.groups * n * 2 * item
     return 0
 
 

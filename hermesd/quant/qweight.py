@@ -64,7 +64,8 @@ class QuantMeta:
     affine: bool  # zeros tensor present: w = scale*q + zero
     code_offset: int = 0  # symmetric 4-bit: w = scale*(q - code_offset)
     super_block: int = 0  # 256 for K-quants: scales are integers times super_scales
-    packing: str = ROWMAJOR  # 4-bit: rowmajor or an int4 kernel layout tag; 5/6-bit: rowmajor (a byte a code) or planes
+    # 4-bit: rowmajor or an int4 kernel layout tag; 5/6-bit: planes (rowmajor in version 1: a byte a code)
+    packing: str = ROWMAJOR
     version: int = FORMAT_VERSION
     # "bfloat16"/"float32": ``scales`` is the int4 kernel's [groups, N, 2] (scale, zero) table in that
     # dtype, w = scale * (q - 8) + zero; no zeros/super_scales tensors. "": the format's own tensors.
