@@ -248,6 +248,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     print(f"runtime {format_size(profile.runtime_bytes)}, activations {format_size(profile.activation_fixed_bytes)}"
           f" + {format_size(profile.activation_bytes_per_token)}/token, KV cache "
           f"{format_size(profile.kv_bytes_per_token)}/token; measured in {profile.profile_seconds:.1f} s")
+    for note in profile.notes:
+        if note.startswith("busy machine"):
+            print(f"hermesd: warning: {note}", file=sys.stderr)
     return 0
 
 

@@ -55,7 +55,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     """
     store_dir = Path(store_dir)
     say = progress or (lambda message: None)
-    started = time.perf_counter()
+    started, others = time.perf_counter(), OthersCpu()
     manifest = Manifest.load(store_dir)
     with _open(store_dir, manifest, prefetch=0, on_stage=on_stage) as engine:
         runtime = memory.rss_bytes() - engine.plan.pool_bytes
@@ -103,8 +103,49 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         interference_idle=_slowdown(alone, idle),
         idle_read_slowdown=max(1.0, idle.load_s / max(overlapped.load_s, 1e-9)),
         skeleton_s=skeleton_s, fault_gbps=_fault_gbps(),
-        notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s"])
+        notes=[f"read mode {'direct' if direct else 'buffered'}; page-cache read {buffered_warm:.2f} GB/s",
+               *others.notes()])
     return replace(profile, peak_slack_bytes=_peak_slack(profile, overlapped.peak_rss_bytes, streamed_pool))
+
+
+BUSY_NOTE = "busy machine"
+BUSY_SHARE = 0.15  # of all CPUs used by other processes while profiling: the compute times are suspect
+
+
+class OthersCpu:
+    """CPU time other processes take from the moment this is made (``/proc/stat`` less our own).
+
+    A profile measured beside another workload plans for a slower machine than it is: GPT-2-XL
+    profiled during a benchmark measured 17.8 s of compute for a prompt that takes 4.1 s alone, and
+    its planner then chose idle-priority loaders that starved the reads (load+run 8.5 s, 4.9 s with
+    a quiet profile). The profile says so in its notes and ``hermesd profile`` warns.
+    """
+
+    def __init__(self) -> None:
+        self.started, self.busy, self.own = time.perf_counter(), _busy_cpu_s(), time.process_time()
+
+    def share(self) -> float:
+        """Other processes' CPU time over all CPUs' time since creation (0 where /proc is missing)."""
+        others = (_busy_cpu_s() - self.busy) - (time.process_time() - self.own)
+        total = (time.perf_counter() - self.started) * (os.cpu_count() or 1)
+        return max(0.0, others / total) if total > 0 else 0.0
+
+    def notes(self) -> list[str]:
+        share = self.share()
+        if share < BUSY_SHARE:
+            return []
+        return [f"{BUSY_NOTE}: other processes used {share:.0%} of the CPUs while profiling, so the compute "
+                f"times are likely too slow; run `hermesd profile --force` again when the machine is quiet"]
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _loading_passes(store_dir: Path, manifest: Manifest, tokens: int, causal: bool, say: ProgressFn,

@@ -219,3 +219,23 @@ def test_loader_threads_run_at_the_plans_priority(converted, monkeypatch, planne
     assert policies == {os.SCHED_IDLE if expected == "idle" else os.SCHED_OTHER}
     # The reading thread's CPU is measured per load, and one thread cannot use more CPU than wall time.
     assert 0 < stats.load_cpu_s <= stats.load_s + 0.01
+
+
+def test_close_gives_the_ring_back_even_while_the_engine_is_still_referenced(converted):
+    # The profiler opens engine after engine in one process; a closed engine's ring that stayed
+    # resident until garbage collection was counted in the next engine's peak (244 MiB on GPT-2-XL).
+    import dataclasses
+
+    from hermesd import memory
+
+    model = converted("gpt2")
+    with hermesd.load(model.store, prefetch=1) as probe:
+        plan = probe.plan
+    assert plan.streamed, "the ring is only mapped for a plan that streams"
+    engine = hermesd.load(model.store, plan=dataclasses.replace(plan, pool_bytes=128 << 20))
+    with torch.inference_mode():
+        engine.model(**_inputs("gpt2"))
+    open_rss = memory.rss_bytes()
+    engine.close()
+    assert open_rss - memory.rss_bytes() > 100 << 20  # the 128 MiB ring, faulted in at open
+    assert engine.plan.pool_bytes == 128 << 20  # the object itself is still alive

@@ -106,3 +106,24 @@ def test_plan_command_explains_and_refuses_too_small_budgets(profiled):
     assert any("at double the budget" in line for line in report["explanation"])
     small = subprocess.run(run + ["--memory-budget", "1MiB"], capture_output=True, text=True, timeout=300)
     assert small.returncode == 1 and "below the minimum" in small.stderr
+
+
+def test_a_profile_measured_beside_other_work_says_so(converted, tmp_path):
+    # two busy processes while a small store is profiled: their CPU time is in /proc/stat, not ours
+    import shutil
+
+    from hermesd.profiling import BUSY_NOTE, OthersCpu
+
+    store = tmp_path / "gpt2"
+    shutil.copytree(converted("gpt2").store, store)
+    spin = "import time\nend = time.time() + 60\nwhile time.time() < end: pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
+    try:
+        watch = OthersCpu()
+        profile = profile_store(store)
+        assert watch.share() > 0.3
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert any(note.startswith(BUSY_NOTE) for note in profile.notes), profile.notes

@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future, wait
 
 from hermesd.plan.ring import PAGE, Region, RingLayout, round_up
 
-__all__ = ["PAGE", "Region", "RingPool", "Prefaulted", "map_memory", "prefault", "round_up"]
+__all__ = ["PAGE", "Region", "RingPool", "Prefaulted", "drop_pages", "map_memory", "prefault", "round_up"]
 
 FAULT_CHUNK = 32 << 20  # bytes per fault-in job: a multiple of the 2 MiB huge page, small enough to spread
 
@@ -38,6 +38,16 @@ def map_memory(size: int, populate: bool = True) -> mmap.mmap:
     if populate:
         _fault_in(memory, 0, len(memory))
     return memory
+
+
+def drop_pages(memory: mmap.mmap) -> None:
+    """Give an anonymous mapping's pages back to the kernel now (``MADV_DONTNEED``; a later read sees
+    zeros). For memory no tensor will read again: views of it may outlive their owner (a reference
+    cycle, a caller's local), and the mapping would stay resident until the garbage collector ran."""
+    try:
+        memory.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError, AttributeError):  # closed, or not Linux: freed with the mapping
+        pass
 
 
 def _fault_in(memory: mmap.mmap, start: int, length: int) -> None:
@@ -88,6 +98,11 @@ class RingPool(RingLayout):
 
     def _view(self, offset: int, size: int) -> memoryview:
         return self._memory[offset : offset + size]
+
+    def close(self) -> None:
+        """Return the arena's memory to the kernel; the pool is not used after this."""
+        if self._arena is not None:
+            drop_pages(self._arena)
 
     def _overdraft_view(self, size: int) -> memoryview:
         # A pool of no capacity (every stage resident) still serves on-demand loads of shed stages.
