@@ -224,7 +224,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     bars = progressbar.configure(args.quiet)
     from hermesd.planning import obtain_profile
-    from hermesd.profiling import profile_passes
+    from hermesd.profiling import BUSY_NOTE, profile_passes
     from hermesd.store.manifest import Manifest
 
     mode = "force" if args.force else "if-missing"
@@ -249,7 +249,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
           f" + {format_size(profile.activation_bytes_per_token)}/token, KV cache "
           f"{format_size(profile.kv_bytes_per_token)}/token; measured in {profile.profile_seconds:.1f} s")
     for note in profile.notes:
-        if note.startswith("busy machine"):
+        if note.startswith(BUSY_NOTE):
             print(f"hermesd: warning: {note}", file=sys.stderr)
     return 0
 

@@ -131,6 +131,7 @@ class OthersCpu:
         return max(0.0, others / total) if total > 0 else 0.0
 
     def notes(self) -> list[str]:
+        """The profile note to record: one "busy machine" line above :data:`BUSY_SHARE`, else none."""
         share = self.share()
         if share < BUSY_SHARE:
             return []
