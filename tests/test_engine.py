@@ -57,10 +57,13 @@ def test_resident_stages_give_the_same_output(converted, name):
         want = _main_output(model.reference()(**inputs))
         with hermesd.load(model.store, prefetch=2, resident=resident) as engine:
             got = _main_output(engine.model(**inputs))
-            loaded = {s.name for s in engine.stats.stages}
+            loaded = {s.name for s in engine.stats.stages if s.loads}
+            kept = {s.name: s for s in engine.stats.stages if s.resident}
             assert engine.plan.resident == tuple(resident)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert loaded.isdisjoint(resident), "resident stages must not be read again during a run"
+    # their compute is counted with the streamed stages' (stats.compute_s is the whole model's)
+    assert set(kept) == set(resident) and all(s.compute_s > 0 and s.bytes_read == 0 for s in kept.values())
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -109,7 +112,9 @@ def test_budget_holding_the_whole_model_keeps_everything_resident(converted):
         assert engine.plan.streamed == () and engine.plan.pool_bytes == 0
         with torch.inference_mode():
             engine.model(**inputs)
-        assert engine.stats.stages == [], "no stage is loaded during a run when all are resident"
+        stages = engine.stats.stages
+        assert stages and all(s.resident and s.loads == 0 for s in stages), "nothing is loaded when all are resident"
+        assert {s.name for s in stages} == set(_stage_names(model.store)) and engine.stats.compute_s > 0
         assert engine.stats.bytes_read == engine.stats.gathered_bytes > 0
 
 

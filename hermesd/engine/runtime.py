@@ -105,6 +105,7 @@ class StreamRuntime:
         self._stats: RunStats | None = None
         self._by_name: dict[str, StageStats] = {}
         self._held: dict[str, tuple[LoadedStage, float]] = {}
+        self._resident_started: dict[str, float] = {}  # resident stage -> when its compute began
         self._run_owner: str | None = None
         self._t0 = 0.0
         self._handles = []
@@ -200,6 +201,7 @@ class StreamRuntime:
                                read_mode=self.reader.read_mode,
                                loader_priority="idle" if self.prefetcher.idle_priority else "normal")
         self._by_name = {}
+        self._resident_started.clear()  # left by an interrupted pass
         memory.reset_peak_rss()
         self._t0 = time.perf_counter()
         self.prefetcher.start(wrap=wrap)
@@ -237,6 +239,7 @@ class StreamRuntime:
 
     def _stage_pre(self, name: str) -> None:
         if name in self.resident:
+            self._resident_started[name] = time.perf_counter()  # its compute counts like a streamed stage's
             return
         if name in self._held:  # still bound from an interrupted pass: give its region back first
             self._stage_post(name)
@@ -256,6 +259,13 @@ class StreamRuntime:
             self._event(name, "load", loaded.load_start, loaded.load_end)
 
     def _stage_post(self, name: str) -> None:
+        started = self._resident_started.pop(name, None)
+        if started is not None and self._stats is not None:
+            done = time.perf_counter()
+            record = self._stage_record(name)
+            record.resident = True
+            record.compute_s += done - started
+            self._event(name, "compute", started, done)
         held = self._held.pop(name, None)
         if held is None:
             return
