@@ -5,9 +5,10 @@
 Runs the same prompts through ``hermesd.decodebatch.DecodeBatch`` (the daemon's generate path) once
 alone each and once as one batch that shares every sweep, on the real SmolLM2-135M-Instruct weights
 de-quantized to bf16 (made in a temporary directory unless ``--store`` names one), fully resident.
-Reports the share of token positions that agree and each job's first divergence, for hermesd's
-row-wise attention and for plain SDPA over the padded batch (``--attention both``, the default), in
-one process.
+Reports the share of token positions that agree and each job's first divergence, in one process, for
+hermesd's row-wise attention (``rows``, the daemon's default), the same with prompt passes multiplied
+in fp32, alone and batched (``rows-fp32``: a model's ``fp32_prompts``, hermesd.fp32linear), and plain
+SDPA over the padded batch (``sdpa``). ``--jobs`` takes the first N of 16 prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ PROMPTS = (
     "What is 17 times 23?",
     "Name a famous physicist and one discovery.",
     "Describe a lighthouse in one sentence.",
+    "Give two tips for growing tomatoes.",
+    "What does a thermostat do?",
+    "Suggest a name for a grey cat.",
+    "Explain recursion to a child.",
+    "How many legs does a spider have?",
+    "Write one line of a song about rain.",
+    "What is the boiling point of water in Fahrenheit?",
+    "Recommend a board game for four players.",
 )
 
 
@@ -45,7 +54,7 @@ def bf16_store(target: Path) -> Path:
 
 
 def run_jobs(engine: Any, prompts: tuple[str, ...], tokens: int, together: bool,
-             rowwise: bool = True) -> list[list[int]]:
+             rowwise: bool = True, fp32_prompts: bool = False) -> list[list[int]]:
     """Greedy tokens of each prompt: all in one batch, or each in a batch of its own."""
     from hermesd.decodebatch import DecodeBatch, prepare
     from hermesd.tasks import GenerateParams
@@ -54,7 +63,7 @@ def run_jobs(engine: Any, prompts: tuple[str, ...], tokens: int, together: bool,
     groups = [list(prompts)] if together else [[p] for p in prompts]
     out = {}
     for group in groups:
-        batch = DecodeBatch(engine, rowwise_attention=rowwise)
+        batch = DecodeBatch(engine, rowwise_attention=rowwise, fp32_prompts=fp32_prompts)
         seqs = [prepare(engine, p, params) for p in group]
         finished = batch.admit(seqs)
         batch.remove(finished)
@@ -81,20 +90,29 @@ def agreement(solo: list[list[int]], batched: list[list[int]]) -> dict[str, Any]
             "first_divergence": first}
 
 
-def measure(store: Path, tokens: int, modes: list[str]) -> dict[str, Any]:
-    """Agreement of batched with solo runs for each attention mode (``rows``, ``sdpa``)."""
+def measure(store: Path, tokens: int, modes: list[str], jobs: int = 8) -> dict[str, Any]:
+    """Agreement of batched with solo runs for each mode (``rows``, ``rows-fp32``, ``sdpa``)."""
     import hermesd
 
     engine = hermesd.load(store, memory_budget="auto")
-    report = {"store": str(store), "dtype": engine.manifest.dtype, "prompts": len(PROMPTS), "tokens": tokens}
+    prompts = PROMPTS[:jobs]
+    report = {"store": str(store), "dtype": engine.manifest.dtype, "prompts": len(prompts), "tokens": tokens}
+    solos = {}
     for mode in modes:
-        solo = run_jobs(engine, PROMPTS, tokens, together=False, rowwise=mode == "rows")
-        batched = run_jobs(engine, PROMPTS, tokens, together=True, rowwise=mode == "rows")
-        report[mode] = agreement(solo, batched)
-        print(f"{mode}: {report[mode]['agree']:.1%} of {report[mode]['tokens']} tokens agree, "
-              f"{report[mode]['identical_jobs']}/{len(PROMPTS)} jobs identical, "
-              f"first divergence {report[mode]['first_divergence']}", file=sys.stderr, flush=True)
+        rowwise, fp32 = mode != "sdpa", mode == "rows-fp32"
+        solos[mode] = run_jobs(engine, prompts, tokens, together=False, rowwise=rowwise, fp32_prompts=fp32)
+        batched = run_jobs(engine, prompts, tokens, together=True, rowwise=rowwise, fp32_prompts=fp32)
+        report[mode] = agreement(solos[mode], batched)
+        _say(mode, report[mode], len(prompts))
+    if "rows" in solos and "rows-fp32" in solos:  # what fp32 prompts change against the bf16 kernel, alone
+        report["fp32-vs-bf16-alone"] = agreement(solos["rows"], solos["rows-fp32"])
+        _say("fp32 prompts against bf16 prompts, each job alone", report["fp32-vs-bf16-alone"], len(prompts))
     return report
+
+
+def _say(what: str, result: dict[str, Any], jobs: int) -> None:
+    print(f"{what}: {result['agree']:.1%} of {result['tokens']} tokens agree, {result['identical_jobs']}/{jobs} jobs "
+          f"identical, first divergence {result['first_divergence']}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,13 +120,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, help="a bf16 generate store (default: SmolLM2 made in a temp dir)")
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per job")
-    parser.add_argument("--attention", choices=("rows", "sdpa", "both"), default="both")
+    parser.add_argument("--modes", default="rows,rows-fp32,sdpa", help="comma-separated: rows, rows-fp32, sdpa")
+    parser.add_argument("--jobs", type=int, default=8, choices=range(1, len(PROMPTS) + 1), metavar="N",
+                        help=f"jobs in the batch, 1..{len(PROMPTS)} (default 8)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    modes = ["rows", "sdpa"] if args.attention == "both" else [args.attention]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - {"rows", "rows-fp32", "sdpa"}
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or bf16_store(Path(tmp) / "smollm2-bf16")
-        report = measure(store, args.tokens, modes)
+        report = measure(store, args.tokens, modes, args.jobs)
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 

@@ -3,6 +3,7 @@ MiniLM embed jobs submitted together against one after another.
 
     python -m bench.batching [--work bench/results/batching] [--cap 734MiB] [--counts 1,2,4,8,16]
                              [--new 32] [--rounds 2] [--embed-jobs 32] [--plot bench/plots/batching.png]
+                             [--fp32-prompts]
 
 Generate: the TinyLlama-1.1B-shape store in bf16 (random weights, a word-level tokenizer; the suite's
 Llama scenario) served by a real daemon in a fresh cgroup capped at ``--cap``, its budget the cap
@@ -88,8 +89,11 @@ def generate_round(client: Any, count: int, new: int) -> dict[str, Any]:
 def run_generate(stores: dict[str, Path], args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cap = parse_size(args.cap)
     budget = cap - BUDGET_MARGIN
-    write_config(root, {"llama": {"store": stores["llama"], "memory_budget": f"{budget // (1 << 20)}MiB",
-                                  "max_new_tokens": args.new, "max_batch": max(args.counts)}},
+    model = {"store": stores["llama"], "memory_budget": f"{budget // (1 << 20)}MiB", "max_new_tokens": args.new,
+             "max_batch": max(args.counts)}
+    if args.fp32_prompts:
+        model["fp32_prompts"] = True
+    write_config(root, {"llama": model},
                  log_level="warning", queue_size=max(64, 2 * max(args.counts)))
     files = weight_files(stores["llama"] / "stages")
     rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in args.counts}
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32, help="new tokens per generate job")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over the counts (medians)")
     parser.add_argument("--embed-jobs", type=int, default=32, help="MiniLM embed jobs, together and one by one")
+    parser.add_argument("--fp32-prompts", action="store_true",
+                        help="serve the model with fp32_prompts (hermesd.fp32linear); default: off, as the daemon")
     parser.add_argument("--skip-embed", action="store_true", help="only the generate part")
     parser.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "batching.png"), help="where the plot goes")
     args = parser.parse_args()
@@ -212,7 +218,8 @@ def main() -> None:
         raise SystemExit(f"capped runs are not possible here: {reason}")
     stores = prepare(Path(args.work))
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
-        report: dict[str, Any] = {"new": args.new, "generate": run_generate(stores, args, Path(tmp) / "llama")}
+        report: dict[str, Any] = {"new": args.new, "fp32_prompts": args.fp32_prompts,
+                                  "generate": run_generate(stores, args, Path(tmp) / "llama")}
         if not args.skip_embed:
             report["embed"] = run_embed(stores, args, Path(tmp) / "minilm")
     print("\n".join(_summary(report)))

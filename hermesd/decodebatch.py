@@ -4,9 +4,11 @@ all active sequences; sequences join and leave at step boundaries.
 The batch keeps one transformers ``DynamicCache`` whose rows are the sequences, left-padded to a common
 length; a 2-D attention mask hides the padding and explicit position ids count each row's own tokens,
 so every row computes what it would compute alone (attention runs row by row on each row's real keys,
-:mod:`hermesd.rowattention`, so even bf16 rounds as it does alone). Joining sequences run their prompt pass together
-(one sweep), then their cache rows are padded and concatenated onto the batch's. A leaving sequence's
-rows are dropped, and columns that became padding in every row are trimmed.
+:mod:`hermesd.rowattention`, so even bf16 rounds as it does alone; with ``fp32_prompts`` the prompt
+passes' linears multiply in fp32, alone and batched alike, :mod:`hermesd.fp32linear`). Joining
+sequences run their prompt pass together (one sweep), then their cache rows are padded and
+concatenated onto the batch's. A leaving sequence's rows are dropped, and columns that became padding
+in every row are trimmed.
 
 transformers' own continuous batching (``generate_batch``) does not fit a streamed model: it places its
 paged cache and its tensors on ``model.device``, which is ``meta`` for a skeleton whose weights are bound
@@ -16,6 +18,7 @@ budget, and runs its own generation thread beyond the daemon's per-stage checkpo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +29,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from hermesd.decoding import StepControl
 from hermesd.engine.engine import Engine
+from hermesd.fp32linear import Fp32Linears
 from hermesd.rowattention import NAME, use_rowwise_attention
 from hermesd.tasks import GenerateParams, _check_length, _cut_at_stop, _eos_ids, _prompt_ids, task_problem
 
@@ -76,8 +80,12 @@ def prepare(engine: Engine, prompt: Any, params: GenerateParams, owner: Any = No
 class DecodeBatch:
     """The sequences decoding together on one engine, and their shared KV cache."""
 
-    def __init__(self, engine: Engine, rowwise_attention: bool = True) -> None:
+    def __init__(self, engine: Engine, rowwise_attention: bool = True, fp32_prompts: bool = False) -> None:
+        """``fp32_prompts``: prompt passes multiply half-precision linears in fp32 (:mod:`hermesd.fp32linear`:
+        faster where bf16 is emulated, the same bits alone and batched, not transformers' bf16 bits)."""
         self.engine = engine
+        self.fp32_prompts = fp32_prompts
+        self.fp32_linears = 0  # linear layers the prompt passes multiplied in fp32
         self.model = engine.model
         if rowwise_attention:
             use_rowwise_attention(self.model)  # padded rows attend exactly as they would alone
@@ -115,7 +123,7 @@ class DecodeBatch:
         ids = torch.tensor([[self.pad] * (width - len(s.prompt)) + s.prompt for s in joining])
         mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in joining])
         cache = DynamicCache()
-        logits = self._forward(ids, mask, cache)
+        logits = self._forward(ids, mask, cache, fp32=self.fp32_prompts)
         self._merge(joining, cache, mask)
         return self._choose(joining, logits)
 
@@ -143,12 +151,15 @@ class DecodeBatch:
             layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
 
     # -- internals ----------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Logits of each row's last position ([rows, vocab], fp32) after feeding ``ids``."""
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache, fp32: bool = False) -> torch.Tensor:
+        """Logits of each row's last position ([rows, vocab], fp32) after feeding ``ids``; ``fp32``: the
+        linears multiply in fp32 (hermesd.fp32linear)."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        with torch.inference_mode():
+        linears = Fp32Linears() if fp32 else None
+        with torch.inference_mode(), linears or contextlib.nullcontext():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
+        self.fp32_linears += linears.calls if linears else 0
         return out.logits[:, -1, :].float()
 
     def _merge(self, joining: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:

@@ -161,6 +161,20 @@ def daemon_stores(converted, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     return stores
 
 
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def bf16_decoder(request, converted, tmp_path_factory):
+    """A tiny random decoder as a bf16 store, fully resident: Llama (grouped key/value heads, rotary
+    positions) and GPT-2 (learned positions, Conv1D projections)."""
+    from daemon_support import save_tiny_tokenizer
+
+    import hermesd
+
+    store = tmp_path_factory.mktemp("rows") / f"{request.param}-bf16"
+    convert(open_source(converted(request.param).hf_dir), store, dtype="bf16")
+    save_tiny_tokenizer(store, VOCAB)  # DecodeBatch reads its end and padding tokens
+    return hermesd.load(store)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_daemon_outlives_the_session():
     """A test that fails before stopping its daemon must not leave the process running."""

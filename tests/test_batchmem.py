@@ -105,3 +105,16 @@ def test_one_pass_jobs_merged_into_one_batch_get_exactly_their_own_results(engin
             assert [[x["label"] for x in row] for row in merged["labels"]] == [[x["label"] for x in row] for row in alone]
             scores = [[[x["score"] for x in row] for row in result] for result in (merged["labels"], alone)]
             torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(scores[1]), atol=1e-5, rtol=0)
+
+
+def test_a_batch_that_may_multiply_in_fp32_counts_the_converted_slices(engine):
+    """fp32 prompts (hermesd.fp32linear) hold a converted weight slice and fp32 activations: counted for
+    half-precision models when the model enables them, nothing for fp32 models."""
+    from hermesd.plan.batchmem import FP32_SLICE_BYTES, fp32_pass_bytes
+
+    half = dataclasses.replace(engine.manifest, dtype="bfloat16")
+    widest = max(half.config.get("hidden_size", 0), half.config.get("intermediate_size", 0))
+    assert widest > 0
+    plain, fp32 = batch_bytes(half, 4, 40, 2, 20), batch_bytes(half, 4, 40, 2, 20, fp32=True)
+    assert fp32 - plain >= FP32_SLICE_BYTES + 2 * 20 * widest * 4  # the prompt pass: 40 rows of the widest input
+    assert fp32_pass_bytes(engine.manifest, 40) == 0 and engine.manifest.dtype == "float32"

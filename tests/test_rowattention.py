@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import VOCAB
-from daemon_support import save_tiny_tokenizer
 
-import hermesd
 from hermesd.decodebatch import DecodeBatch, Sequence
 from hermesd.rowattention import NAME, left_padding
-from hermesd.store.convert import convert, open_source
 from hermesd.tasks import GenerateParams
 
 
@@ -42,16 +37,6 @@ def test_other_masks_are_left_to_plain_sdpa():
     assert left_padding(causal_left_padded([0], 6, 6)[:, :, :, :5], 6, 6) is None  # wrong shape
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def bf16_decoder(request, converted, tmp_path_factory):
-    """A tiny random decoder as a bf16 store, fully resident: Llama (grouped key/value heads, rotary
-    positions) and GPT-2 (learned positions)."""
-    store = tmp_path_factory.mktemp("rows") / f"{request.param}-bf16"
-    convert(open_source(converted(request.param).hf_dir), store, dtype="bf16")
-    save_tiny_tokenizer(store, VOCAB)  # DecodeBatch reads its end and padding tokens
-    return hermesd.load(store)
-
-
 PROMPTS = [[5, 17, 99, 230, 7], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408], [3, 1000, 2000]]
 
 
@@ -68,12 +53,13 @@ class RecordingBatch(DecodeBatch):
         return super()._choose(rows, logits)
 
 
-def decode(engine, prompts: list[list[int]], tokens: int, rowwise: bool, join_after: int | None = None) -> list:
+def decode(engine, prompts: list[list[int]], tokens: int, rowwise: bool, join_after: int | None = None,
+           fp32_prompts: bool = False) -> list:
     """Each prompt's greedy tokens and stacked logits, decoded in one batch; with ``join_after`` the
     second half of the prompts joins after that many steps."""
     params = GenerateParams(max_new_tokens=tokens)
     seqs = [Sequence(prompt=p, params=params) for p in prompts]
-    batch = RecordingBatch(engine, rowwise_attention=rowwise)
+    batch = RecordingBatch(engine, rowwise_attention=rowwise, fp32_prompts=fp32_prompts)
     waiting = seqs[len(seqs) // 2:] if join_after is not None else []
     batch.remove(batch.admit([s for s in seqs if s not in waiting]))
     steps = 0

@@ -64,7 +64,7 @@ class _Loop:
             engine = self.host.ensure_open()
             self.executor.raise_if_stopped(first)  # cancelled or past its deadline while queued: no sweep
             self.executor.before_job(first)
-            self.batch = DecodeBatch(engine)
+            self.batch = DecodeBatch(engine, fp32_prompts=self.host.settings.fp32_prompts)
             if not supports_batching(engine):
                 self.limit = 1
             joining = self._prepared([first])
@@ -166,6 +166,8 @@ class _Loop:
         stats = self.progress.stats(self.batch.engine, self.peak)
         since, passes = self.joined.get(job.id, (time.monotonic(), 0))
         stats.update(passes=stats["passes"] - passes, member_wall_s=round(time.monotonic() - since, 3))
+        if self.batch.fp32_prompts:
+            stats["fp32_linears"] = self.batch.fp32_linears  # the batch's prompt passes so far (hermesd.fp32linear)
         return stats
 
     # -- joining ------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ class _Admission:
             return True
         joining = [*self.joining, probe]
         need = batch_bytes(batch.engine.manifest, len(batch) + len(joining), batch.projected_length(joining),
-                           len(joining), max(len(s.prompt) for s in joining))
+                           len(joining), max(len(s.prompt) for s in joining), fp32=batch.fp32_prompts)
         if need > self.room and (len(batch) or self.joining):
             return False  # it waits for members to leave (alone, the plan was made for it)
         self.joining.append(probe)

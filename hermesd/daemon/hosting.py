@@ -94,7 +94,7 @@ class ModelHost:
         room = allowance(self.plan) if self.plan is not None else None
         settings = self.settings
         full = max_batch(manifest, self.plan, settings.max_prompt_tokens, settings.max_new_tokens,
-                         settings.max_batch) if self.plan is not None else 1
+                         settings.max_batch, fp32=settings.fp32_prompts) if self.plan is not None else 1
         return {"max_batch": settings.max_batch, "batch_room": room, "max_batch_full_size": full}
 
     def close(self) -> None:

@@ -13,6 +13,9 @@ from hermesd.plan.budget import Plan, activation_bytes
 from hermesd.plan.workload import Workload
 from hermesd.store.manifest import Manifest
 
+FP32_SLICE_BYTES = 4 << 20  # fp32 weight converted at a time when a prompt multiplies in fp32 (hermesd.fp32linear)
+FP32_MIN_ROWS = 16  # rows such a product is padded to (why: hermesd.fp32linear)
+
 
 def _shape(manifest: Manifest) -> tuple[int, int, int, int, int, int, int]:
     cfg = manifest.config
@@ -43,6 +46,17 @@ def step_bytes(manifest: Manifest, rows: int, context: int) -> int:
     return rows * ((8 * hidden + 2 * inner) * elem + heads * context * 4 + vocab * 4)
 
 
+def fp32_pass_bytes(manifest: Manifest, rows: int) -> int:
+    """What a prompt pass of ``rows`` tokens adds while a half-precision linear runs in fp32
+    (hermesd.fp32linear): one converted weight slice, the fp32 input and one slice's fp32 output,
+    rows padded to at least :data:`FP32_MIN_ROWS`."""
+    hidden, _, _, _, inner, _, elem = _shape(manifest)
+    if elem == 4:
+        return 0
+    widest, rows = max(hidden, inner), max(rows, FP32_MIN_ROWS)
+    return FP32_SLICE_BYTES + rows * widest * 4 + rows * (FP32_SLICE_BYTES // (4 * widest) + 1) * 4
+
+
 def prefill_bytes(manifest: Manifest, rows: int, tokens: int) -> int:
     """The prompt pass of ``rows`` prompts padded to ``tokens`` (the plan's own estimate, KV included)."""
     return activation_bytes(manifest, Workload(prompt_tokens=max(tokens, 1), batch=max(rows, 1)))
@@ -56,17 +70,22 @@ def allowance(plan: Plan) -> int | None:
     return plan.activation_bytes + max(0, plan.budget - plan.peak_bound)
 
 
-def batch_bytes(manifest: Manifest, rows: int, length: int, joining: int = 0, joining_tokens: int = 0) -> int:
+def batch_bytes(manifest: Manifest, rows: int, length: int, joining: int = 0, joining_tokens: int = 0,
+                fp32: bool = False) -> int:
     """A generate batch of ``rows`` sequences whose padded cache reaches ``length`` tokens, while
-    ``joining`` of them run their prompt pass of ``joining_tokens`` (padded)."""
+    ``joining`` of them run their prompt pass of ``joining_tokens`` (padded); ``fp32``: prompt passes
+    multiply their linears in fp32 (the model's ``fp32_prompts``)."""
     kv = rows * length * kv_bytes_per_token(manifest)
     passes = step_bytes(manifest, rows, length)
     if joining:
-        passes = max(passes, prefill_bytes(manifest, joining, joining_tokens))
+        prompt = prefill_bytes(manifest, joining, joining_tokens)
+        prompt += fp32_pass_bytes(manifest, joining * joining_tokens) if fp32 else 0
+        passes = max(passes, prompt)
     return kv + passes
 
 
-def max_batch(manifest: Manifest, plan: Plan, prompt_tokens: int, new_tokens: int, limit: int) -> int:
+def max_batch(manifest: Manifest, plan: Plan, prompt_tokens: int, new_tokens: int, limit: int,
+              fp32: bool = False) -> int:
     """The most sequences of ``prompt_tokens`` + ``new_tokens`` that fit the allowance together
     (at least 1: the plan was made for one such job), capped at ``limit``."""
     room = allowance(plan)
@@ -74,7 +93,7 @@ def max_batch(manifest: Manifest, plan: Plan, prompt_tokens: int, new_tokens: in
         return limit
     length = prompt_tokens + new_tokens
     rows = 1
-    while rows < limit and batch_bytes(manifest, rows + 1, length, 1, prompt_tokens) <= room:
+    while rows < limit and batch_bytes(manifest, rows + 1, length, 1, prompt_tokens, fp32) <= room:
         rows += 1
     return rows
 
