@@ -90,9 +90,7 @@ def run_generate(stores: dict[str, Path], args: argparse.Namespace, root: Path) 
     cap = parse_size(args.cap)
     budget = cap - BUDGET_MARGIN
     model = {"store": stores["llama"], "memory_budget": f"{budget // (1 << 20)}MiB", "max_new_tokens": args.new,
-             "max_batch": max(args.counts)}
-    if args.fp32_prompts:
-        model["fp32_prompts"] = True
+             "max_batch": max(args.counts), "fp32_prompts": args.fp32_prompts}
     write_config(root, {"llama": model},
                  log_level="warning", queue_size=max(64, 2 * max(args.counts)))
     files = weight_files(stores["llama"] / "stages")

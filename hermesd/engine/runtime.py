@@ -260,22 +260,24 @@ class StreamRuntime:
 
     def _stage_post(self, name: str) -> None:
         started = self._resident_started.pop(name, None)
-        if started is not None and self._stats is not None:
-            done = time.perf_counter()
-            record = self._stage_record(name)
-            record.resident = True
-            record.compute_s += done - started
-            self._event(name, "compute", started, done)
+        if started is not None:
+            self._record_compute(name, started, resident=True)
         held = self._held.pop(name, None)
         if held is None:
             return
         loaded, ready = held
         self.bindings[name].unbind()
-        done = time.perf_counter()
-        if self._stats is not None:
-            self._stage_record(name).compute_s += done - ready
-            self._event(name, "compute", ready, done)
+        self._record_compute(name, ready)
         self.prefetcher.release(loaded)
+
+    def _record_compute(self, name: str, started: float, resident: bool = False) -> None:
+        if self._stats is None:
+            return
+        done = time.perf_counter()
+        record = self._stage_record(name)
+        record.resident = record.resident or resident
+        record.compute_s += done - started
+        self._event(name, "compute", started, done)
 
     def _stage_record(self, name: str) -> StageStats:
         if name not in self._by_name:
