@@ -114,6 +114,7 @@ def run_compute_only(args: argparse.Namespace, ids: torch.Tensor) -> dict[str, A
 
     started = time.perf_counter()
     engine = hermesd.load(args.store, resident="all")
+    engine.wait_resident()  # every weight in memory before the forwards are timed
     load_s = time.perf_counter() - started
     peak_before = vm_hwm_bytes()
     times, peaks = [], []

@@ -204,6 +204,7 @@ def _open(store_dir: Path, manifest: Manifest, prefetch: int, priority: str = "n
     ``on_stage`` is called with each stage's name as it runs."""
     plan = fit_plan(manifest, StageReader(store_dir, manifest).span, memory.rss_bytes(), prefetch=prefetch)
     engine = Engine.open(store_dir, replace(plan, loader_priority=priority))
+    engine.wait_resident()  # the passes measure streamed loads and compute, not the pinned stages' first reads
     engine.set_checkpoint(on_stage)
     return engine
 

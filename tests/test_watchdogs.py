@@ -119,6 +119,7 @@ def test_shedding_a_large_resident_set_returns_its_memory(tmp_path):
     store = tmp_path / "store"
     convert(open_source(None, random_config=tmp_path / "config.json"), store)
     with hermesd.load(store, resident="all", prefetch=0) as engine:
+        engine.wait_resident()  # load() only maps them
         before = memory.rss_bytes()
         engine.shed_resident()
         released = before - memory.rss_bytes()

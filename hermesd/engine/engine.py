@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import time
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from hermesd.engine.bufferpool import RingPool, drop_pages, map_memory
+from hermesd.engine.bufferpool import RingPool
 from hermesd.engine.opening import OpenJob, OpenStats
 from hermesd.engine.prefetch import Prefetcher
 from hermesd.engine.priority import effective_priority
 from hermesd.engine.reader import StageReader
+from hermesd.engine.resident import ResidentSet
 from hermesd.engine.runstats import RunStats
 from hermesd.engine.runtime import StreamRuntime
 from hermesd.errors import TaskError
@@ -33,14 +33,14 @@ class Engine:
     """
 
     def __init__(self, store_dir: Path, manifest: Manifest, model: torch.nn.Module, plan: Plan,
-                 reader: StageReader, runtime: StreamRuntime, resident_memory: dict[str, mmap.mmap]) -> None:
+                 reader: StageReader, runtime: StreamRuntime) -> None:
         self.store_dir = store_dir
         self.manifest = manifest
         self.model = model
         self.plan = plan
         self.reader = reader
         self._runtime = runtime
-        self._resident_memory = resident_memory
+        self._resident = ResidentSet(reader, runtime, [])  # replaced by open()
         self._tokenizer = None
         self._image_processor = None
         self.max_input_tokens: int | None = None  # set by a server: tasks refuse longer inputs (the plan's size)
@@ -77,31 +77,29 @@ class Engine:
     @property
     def resident_now(self) -> list[str]:
         """Stages held in memory right now (the plan's resident set, less any shed)."""
-        return sorted(self._resident_memory)
+        return sorted(self._resident.names)
 
     @property
     def shed_bytes(self) -> int:
         """Bytes of the plan's resident stages not in memory now (what ``restore_resident`` reads back)."""
-        held = set(self._resident_memory)
+        held = set(self._resident.names)
         return sum(self.reader.span(name) for name in self.plan.resident if name not in held)
+
+    def wait_resident(self) -> None:
+        """Block until the resident stages' first reads are done (load() returns before them: the first
+        run waits for each as it needs it). For measurements that must not count those reads."""
+        self._resident.wait()
 
     def shed_resident(self) -> int:
         """Release every resident stage's memory; they load on demand until ``restore_resident``.
 
         Call between stages or runs (the daemon's checkpoint). Returns the number of stages released.
         """
-        names = list(self._resident_memory)
-        for name in names:
-            self._runtime.unpin(name)
-            del self._resident_memory[name]  # the last reference: the mapping is unmapped
-        return len(names)
+        return self._resident.shed()
 
     def restore_resident(self) -> int:
         """Read the plan's resident stages back into memory; returns how many were loaded."""
-        missing = [name for name in self.plan.resident if name not in self._resident_memory]
-        for name in missing:
-            self._resident_memory[name] = _load_resident(self.reader, self._runtime, name)
-        return len(missing)
+        return self._resident.restore(list(self.plan.resident))
 
     def pause_prefetch(self, paused: bool) -> None:
         """With ``paused`` no new read-ahead starts: stages load on demand (k drops to 0) until resumed."""
@@ -136,37 +134,40 @@ class Engine:
         self._runtime.prefetcher.close()
         self._runtime.detach()
         self._runtime.prefetcher.pool.close()
-        for memory in self._resident_memory.values():
-            drop_pages(memory)
-        self._resident_memory.clear()
+        self._resident.close()
 
     @classmethod
     def open(cls, store_dir: str | os.PathLike[str], plan: Plan, direct_io: bool | None = None) -> "Engine":
         """Open a store under ``plan`` (decided by ``hermesd.planning.resolve``): build the skeleton,
-        start the loaders, read the resident stages. ``direct_io`` forces O_DIRECT on or off.
+        start the loaders, map the resident stages. ``direct_io`` forces O_DIRECT on or off.
 
-        Faulting memory in, the resident reads and the skeleton build run at once (engine.opening);
-        ``engine.open_stats`` says where the time went."""
+        The ring is faulted in while the skeleton is built (engine.opening); resident stages are read
+        while the first run goes, each waited for where it is first needed (engine.resident; call
+        ``wait_resident`` to have them all in memory first). ``engine.open_stats`` says where the time went."""
         started = time.perf_counter()
         store_dir = Path(store_dir)
         manifest = Manifest.load(store_dir)
         _check_plan_covers(manifest, plan)
         reader = StageReader(store_dir, manifest, direct=direct_io)
-        job = OpenJob(reader, list(plan.resident), plan.pool_bytes if plan.streamed else 0)
+        job = OpenJob(plan.pool_bytes if plan.streamed else 0)
         try:
             model = _skeleton(manifest)
             job.stats.skeleton_s = time.perf_counter() - started
             prefetcher = Prefetcher(reader, RingPool(plan.pool_bytes, arena=job.ring()), list(plan.streamed),
                                     plan.prefetch, plan.loaders,
                                     idle_priority=effective_priority(plan.loader_priority) == "idle")
-            runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
-            resident_memory = {}
-            for name, stage in job.resident().items():
-                runtime.pin(name, stage.tensors)
-                resident_memory[name] = stage.memory
         finally:
             job.close()
-        engine = cls(store_dir, manifest, model, plan, reader, runtime, resident_memory)
+        runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
+        engine = cls(store_dir, manifest, model, plan, reader, runtime)
+        mapping = time.perf_counter()
+        try:
+            engine._resident = ResidentSet(reader, runtime, list(plan.resident))
+        except BaseException:
+            engine.close()
+            raise
+        job.stats.map_s = time.perf_counter() - mapping
+        job.stats.resident_bytes = engine._resident.mapped_bytes
         job.stats.wall_s = time.perf_counter() - started
         engine.open_stats = job.stats
         return engine
@@ -192,11 +193,3 @@ def _skeleton(manifest: Manifest) -> torch.nn.Module:
     model = build_skeleton(manifest.architecture, config_from_dict(manifest.config), dtype)
     quantize_skeleton(model, manifest_metas(manifest), dtype)  # quantized stores: QuantLinear/QuantEmbedding
     return model
-
-
-def _load_resident(reader: StageReader, runtime: StreamRuntime, name: str) -> mmap.mmap:
-    """Read a resident stage into memory of its own (faulted in before the read) and bind it for good."""
-    memory = map_memory(reader.span(name))
-    tensors, _ = reader.read(name, memoryview(memory))
-    runtime.pin(name, tensors)
-    return memory

@@ -18,7 +18,7 @@ class StageStats:
     load_cpu_s: float = 0.0  # CPU time those reads cost their thread (what loading takes from compute)
     wait_s: float = 0.0  # time compute stood still waiting for it
     compute_s: float = 0.0  # time its modules ran (resident stages included)
-    resident: bool = False  # it ran from memory the plan keeps (no loads)
+    resident: bool = False  # it ran from memory the plan keeps (loaded once, in the first run after load())
 
 
 @dataclass

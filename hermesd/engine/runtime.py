@@ -2,7 +2,8 @@
 
 The model's own ``forward`` and ``generate`` run unmodified. Forward pre-hooks on each streamed
 stage's module wait for its load and bind the loaded tensors; forward hooks (also called when the
-forward raises) restore the meta parameters and hand the buffer back. Large embedding tables are
+forward raises) restore the meta parameters and hand the buffer back. Resident stages stay bound; their
+pre-hooks wait only for a first read still under way (engine.resident). Large embedding tables are
 gathered: a pre-hook reads only the rows of the batch's token ids and remaps the ids onto them.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import torch
@@ -111,6 +113,7 @@ class StreamRuntime:
         self._handles = []
         self.checkpoint: Callable[[str], None] | None = None
         self.resident: set[str] = set()  # stages bound for good: their hooks let them be
+        self.pending: dict[str, Future] = {}  # resident stage -> its first read, until a run has waited for it
         for entry in manifest.stages:  # resident stages too, so that they can be shed under memory pressure
             self._hook_stage(entry)
         for entry in manifest.stages:
@@ -239,6 +242,8 @@ class StreamRuntime:
 
     def _stage_pre(self, name: str) -> None:
         if name in self.resident:
+            if name in self.pending:
+                self._await_first_read(name)
             self._resident_started[name] = time.perf_counter()  # its compute counts like a streamed stage's
             return
         if name in self._held:  # still bound from an interrupted pass: give its region back first
@@ -248,15 +253,29 @@ class StreamRuntime:
         self.bindings[name].bind(loaded.tensors)
         ready = time.perf_counter()
         self._held[name] = (loaded, ready)
+        self._record_load(name, loaded, ready - asked)
         if self._stats is not None:
-            record = self._stage_record(name)
-            record.loads += 1
-            record.bytes_read += loaded.bytes_read
-            record.load_s += loaded.load_end - loaded.load_start
-            record.load_cpu_s += loaded.cpu_s
-            record.wait_s += ready - asked
             self._stats.on_demand_loads += not loaded.prefetched
-            self._event(name, "load", loaded.load_start, loaded.load_end)
+
+    def _await_first_read(self, name: str) -> None:
+        """A resident stage whose first read is still under way: wait for it; this run counts it as a load.
+        A failed read (a corrupt file) stays pending, so every run that needs the stage fails alike."""
+        asked = time.perf_counter()
+        first = self.pending[name].result()
+        del self.pending[name]
+        self._record_load(name, first, time.perf_counter() - asked)
+
+    def _record_load(self, name: str, loaded: Any, waited: float) -> None:
+        """Count one load (a LoadedStage or a resident stage's FirstRead) and the wait for it."""
+        if self._stats is None:
+            return
+        record = self._stage_record(name)
+        record.loads += 1
+        record.bytes_read += loaded.bytes_read
+        record.load_s += loaded.load_end - loaded.load_start
+        record.load_cpu_s += loaded.cpu_s
+        record.wait_s += waited
+        self._event(name, "load", loaded.load_start, loaded.load_end)
 
     def _stage_post(self, name: str) -> None:
         started = self._resident_started.pop(name, None)

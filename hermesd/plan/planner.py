@@ -9,9 +9,11 @@ Each streamed plan is replayed twice: loaders at normal priority (the measured i
 SCHED_IDLE (the interference measured that way, reads slower by the measured factor); the faster
 sets ``Plan.loader_priority``. Both factors were measured with compute on every core of this machine
 and one loader, which is what plans run, so the core count is in them (and in the fingerprint).
-A one-shot workload (``hermesd run``) also pays load(): the skeleton build, faulting the ring and the
-resident buffers in, and reading the resident stages, overlapped (engine.opening), so the longest of
-them. A daemon pays that once, so its workloads do not count it.
+A one-shot workload (``hermesd run``) also pays load(): the skeleton build while the ring is faulted
+in (engine.opening), the longer of the two. Its first pass also reads the resident stages: load()
+maps them and one thread reads them in execution order from then on, through the same disk, each
+waited for where it is first needed (engine.resident). A daemon pays both once, so its workloads
+count neither.
 Peak memory is runtime + resident stages + the pool + activations + KV cache, all measured or exact,
 plus the profile's measured slack (what this model missed on a streamed pass).
 """
@@ -186,11 +188,10 @@ def evaluate(profile: Profile, workload: Workload, depth: int, resident: list[st
 
 
 def open_seconds(profile: Profile, plan: Plan) -> float:
-    """Predicted load() time: skeleton build, fault-in of ring and resident buffers, resident reads, at once."""
-    resident_read = sum(profile.stage(n).load_cold_s for n in plan.resident)
-    faulted = plan.pool_bytes + plan.resident_bytes
-    fault = faulted / (profile.fault_gbps * 1e9) if profile.fault_gbps else 0.0
-    return max(profile.skeleton_s, resident_read, fault)
+    """Predicted load() time: the skeleton build and the ring's fault-in, at once (resident stages are
+    only mapped: the first pass reads them)."""
+    fault = plan.pool_bytes / (profile.fault_gbps * 1e9) if profile.fault_gbps and plan.streamed else 0.0
+    return max(profile.skeleton_s, fault)
 
 
 def _activation_bytes(profile: Profile, workload: Workload) -> int:
@@ -217,7 +218,8 @@ def simulate(profile: Profile, workload: Workload, resident: set[str], depth: in
     """Predicted (latency, disk busy time, compute busy time, per-stage waits) of one run.
 
     ``interference``: compute's slowdown while loaders run (default: the profile's, normal priority);
-    ``load_scale``: how much longer each streamed load takes (idle-priority loaders).
+    ``load_scale``: how much longer each streamed load takes (idle-priority loaders). A one-shot
+    workload's first pass also reads each resident stage, queued from the start in execution order.
     """
     factor = profile.interference if interference is None else interference
     streamed_bytes = sum(s.bytes for s in profile.stages if s.name not in resident)
@@ -227,10 +229,16 @@ def simulate(profile: Profile, workload: Workload, resident: set[str], depth: in
     disk_free = previous_end = io = compute_total = 0.0
     starts: list[float] = []  # compute start of each streamed load, in order
     waits: dict[str, float] = {}
+    unread = set(resident) if workload.one_shot else set()  # resident stages load() only mapped
     for stage, kind in sequence:
         compute = _compute_s(profile, stage, kind, workload) * (slowdown if stage.name not in resident else 1.0)
         start = previous_end
-        if stage.name not in resident:
+        if stage.name in unread:
+            unread.discard(stage.name)
+            disk_free, io = disk_free + stage.load_cold_s, io + stage.load_cold_s
+            start = max(previous_end, disk_free)
+            waits[stage.name] = start - previous_end
+        elif stage.name not in resident:
             index = len(starts)
             submitted = previous_end if depth == 0 else (0.0 if index < depth else starts[index - depth])
             load_s = stage.load_cold_s * (load_scale if depth else 1.0)
