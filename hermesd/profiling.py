@@ -36,6 +36,7 @@ from hermesd.plan.planner import evaluate
 from hermesd.plan.profile import Profile, StageCost, fingerprint
 from hermesd.plan.workload import Workload
 from hermesd.store.manifest import Manifest
+from hermesd.store.stages import model_class
 
 BUFFERED_SAMPLE_BYTES = 512 << 20
 FAULT_SAMPLE_BYTES = 256 << 20
@@ -57,6 +58,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
     say = progress or (lambda message: None)
     started, others = time.perf_counter(), OthersCpu()
     manifest = Manifest.load(store_dir)
+    model_class(manifest.architecture)  # imported before skeleton_s is timed (see Profile.skeleton_s)
     with _open(store_dir, manifest, prefetch=0, on_stage=on_stage) as engine:
         runtime = memory.rss_bytes() - engine.plan.pool_bytes
         causal = engine.manifest.architecture.endswith(("ForCausalLM", "LMHeadModel"))

@@ -62,7 +62,9 @@ class Profile:
     # Measured peak of the streamed reference pass minus the planner's peak for that plan (>= 0): what
     # the model of memory misses (thread stacks and arenas, allocator slack); every plan adds it.
     peak_slack_bytes: int = 0
-    skeleton_s: float = 0.0  # load(): building the model without weights
+    # load(): building the model without weights, its transformers module already imported. The same for
+    # every plan; a first import timed inside it (2.5 s for BertModel) hid the ring's fault-in, which is not.
+    skeleton_s: float = 0.0
     fault_gbps: float = 0.0  # load(): faulting fresh memory in, GB/s over all cores (0: not measured)
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
