@@ -6,7 +6,10 @@ Resident stages are kept this way rather than read into fresh memory. Measured o
   lazily), and O_DIRECT reads into it ran at 0.44-0.56 GB/s;
 - mapping the files and populating the mappings (``MADV_POPULATE_READ``) read at 1.25-1.48 GB/s for
   0.14 s of CPU per GB: the disk fills page-cache pages that are mapped as they are, nothing is
-  zeroed or copied. Matmuls over those pages ran no slower than over anonymous huge pages.
+  zeroed or copied. But the guest's first touch of each such page still costs about 1 s per GB on
+  this VM (``MappedRange.touch``), so the mapping saves the zeroing, not the hypervisor's share.
+Matmuls over touched mapped pages ran as fast as over anonymous huge pages (GPT-2-XL's second and
+third forwards: 4.2-4.8 s either way).
 The mappings are private and writable so that tensors can view them (a write would copy one page;
 nothing writes weights). Clean file pages are also what the kernel may reclaim under pressure, and
 a reclaimed page is read back from the store on its next use.
@@ -50,15 +53,23 @@ class MappedRange:
         return memoryview(self.memory)
 
     def populate(self) -> None:
-        """Read the range into memory now (from the page cache, or the disk when it is cold)."""
+        """Read the range into memory now (from the page cache, or the disk when it is cold), then touch
+        every page from this thread (see ``touch``)."""
         try:
             self.memory.madvise(MADV_POPULATE_READ)
         except OSError as exc:
-            if exc.errno not in (22, 95):  # EINVAL / EOPNOTSUPP: a kernel without it; touch every page
+            if exc.errno not in (22, 95):  # EINVAL / EOPNOTSUPP: a kernel without it; touching reads it
                 raise
             self.memory.madvise(mmap.MADV_WILLNEED)
-            pages = torch.frombuffer(self.memory, dtype=torch.uint8)[:: mmap.PAGESIZE]
-            int(pages.sum())
+        self.touch()
+
+    def touch(self) -> None:
+        """Read one byte of every page. On a VM, a guest page the disk has just filled still costs its
+        first CPU access (the hypervisor maps it then): about 1 s per GB here, measured on GPT-2-XL's
+        6.4 GB. Untouched, the compute threads paid it: the first forward took 9.3-16.5 s instead of
+        4.4 s. Touched here, the cost stays on this thread."""
+        pages = torch.frombuffer(self.memory, dtype=torch.uint8)[:: mmap.PAGESIZE]
+        int(pages.sum())
 
     def drop(self) -> None:
         """Unmap the pages and drop them from the page cache: the memory is the kernel's again now."""
