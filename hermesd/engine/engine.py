@@ -33,14 +33,14 @@ class Engine:
     """
 
     def __init__(self, store_dir: Path, manifest: Manifest, model: torch.nn.Module, plan: Plan,
-                 reader: StageReader, runtime: StreamRuntime, resident: ResidentSet) -> None:
+                 reader: StageReader, runtime: StreamRuntime) -> None:
         self.store_dir = store_dir
         self.manifest = manifest
         self.model = model
         self.plan = plan
         self.reader = reader
         self._runtime = runtime
-        self._resident = resident
+        self._resident = ResidentSet(reader, runtime, [])  # replaced by open()
         self._tokenizer = None
         self._image_processor = None
         self.max_input_tokens: int | None = None  # set by a server: tasks refuse longer inputs (the plan's size)
@@ -86,9 +86,8 @@ class Engine:
         return sum(self.reader.span(name) for name in self.plan.resident if name not in held)
 
     def wait_resident(self) -> None:
-        """Block until the resident stages' first reads are done and bound (load() returns before them: the
-        first run waits for each as it needs it). Call between runs; for measurements that must not count
-        those reads, and for a daemon that wants them in memory before its first job."""
+        """Block until the resident stages' first reads are done (load() returns before them: the first
+        run waits for each as it needs it). For measurements that must not count those reads."""
         self._resident.wait()
 
     def shed_resident(self) -> int:
@@ -140,7 +139,7 @@ class Engine:
     @classmethod
     def open(cls, store_dir: str | os.PathLike[str], plan: Plan, direct_io: bool | None = None) -> "Engine":
         """Open a store under ``plan`` (decided by ``hermesd.planning.resolve``): build the skeleton,
-        start the loaders, queue the resident stages' reads. ``direct_io`` forces O_DIRECT on or off.
+        start the loaders, map the resident stages. ``direct_io`` forces O_DIRECT on or off.
 
         The ring is faulted in while the skeleton is built (engine.opening); resident stages are read
         while the first run goes, each waited for where it is first needed (engine.resident; call
@@ -160,9 +159,15 @@ class Engine:
         finally:
             job.close()
         runtime = StreamRuntime(model, manifest, reader, prefetcher, list(plan.streamed))
-        resident = ResidentSet(reader, runtime, list(plan.resident))
-        engine = cls(store_dir, manifest, model, plan, reader, runtime, resident)
-        job.stats.resident_bytes = resident.planned_bytes
+        engine = cls(store_dir, manifest, model, plan, reader, runtime)
+        mapping = time.perf_counter()
+        try:
+            engine._resident = ResidentSet(reader, runtime, list(plan.resident))
+        except BaseException:
+            engine.close()
+            raise
+        job.stats.map_s = time.perf_counter() - mapping
+        job.stats.resident_bytes = engine._resident.mapped_bytes
         job.stats.wall_s = time.perf_counter() - started
         engine.open_stats = job.stats
         return engine

@@ -3,7 +3,8 @@
 A stage's own file is read as one prefix (header + every tensor except row-gathered embedding
 tables); a tied tensor is read as an aligned range of its owner's file. With O_DIRECT the page
 cache is bypassed; where a filesystem refuses O_DIRECT (tmpfs), buffered reads are followed by
-``POSIX_FADV_DONTNEED`` so streamed weights do not pile up in the page cache.
+``POSIX_FADV_DONTNEED`` so streamed weights do not pile up in the page cache. Resident stages are
+mapped instead of read (``map``; engine.mapped says why).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from hermesd.engine.bufferpool import PAGE, map_memory, round_up
+from hermesd.engine.mapped import MappedRange, MappedStage
 from hermesd.errors import StageIntegrityError
 from hermesd.store.manifest import Manifest, StageEntry, TensorEntry
 from hermesd.store.safetensors_io import ST_TO_TORCH, parse_header, tensor_view
@@ -92,16 +94,47 @@ class StageReader:
             cursor, total = cursor + length, total + tied.tensor.nbytes
         return tensors, total
 
-    def _own_views(self, plan: _StagePlan, view: memoryview) -> dict[str, torch.Tensor]:
-        entry = plan.entry
+    def map(self, name: str) -> MappedStage:
+        """Stage ``name`` as private mappings of its files, with tensor views of them; nothing is read
+        yet (``MappedStage.populate`` reads and checks the header). Same tensors as ``read``."""
+        plan = self._plans[name]
+        own = self._map_range(plan.entry, 0, plan.prefix_end)
+        tensors = self._views(plan.entry, own.view)
+        ranges = [own]
+        for tied in plan.tied:
+            start = tied.owner.data_start + tied.tensor.offsets[0]
+            mapped = self._map_range(tied.owner, start, start + tied.tensor.nbytes)
+            tensors[tied.local] = tensor_view(mapped.view, start - mapped.offset, tied.tensor)
+            ranges.append(mapped)
+        return MappedStage(name, plan.entry.file, ranges, tensors, plan.read_bytes,
+                           check=lambda: self._check_header(plan.entry, own.view[: plan.prefix_end]))
+
+    def _map_range(self, entry: StageEntry, start: int, end: int) -> MappedRange:
+        """[start, end) of ``entry``'s file, widened to whole pages (within the file), mapped privately."""
+        path = self.store_dir / entry.file
+        fd = self._open_checked(entry, path, direct=False)
         try:
-            header, data_start = parse_header(view[: plan.prefix_end])
+            return MappedRange.of_file(fd, path, start - start % PAGE, min(round_up(end), entry.bytes))
+        finally:
+            os.close(fd)
+
+    def _own_views(self, plan: _StagePlan, view: memoryview) -> dict[str, torch.Tensor]:
+        self._check_header(plan.entry, view[: plan.prefix_end])
+        return self._views(plan.entry, view)
+
+    @staticmethod
+    def _check_header(entry: StageEntry, prefix: memoryview) -> None:
+        try:
+            header, data_start = parse_header(prefix)
         except (ValueError, KeyError) as exc:
             raise StageIntegrityError(entry.name, entry.file, f"corrupt header: {exc}") from None
         if header != entry.tensors or data_start != entry.data_start:
             raise StageIntegrityError(entry.name, entry.file, "header does not match the manifest (file replaced?)")
+
+    @staticmethod
+    def _views(entry: StageEntry, view: memoryview) -> dict[str, torch.Tensor]:
         return {
-            local: tensor_view(view, data_start + t.offsets[0], t)
+            local: tensor_view(view, entry.data_start + t.offsets[0], t)
             for local, t in entry.tensors.items() if local not in entry.gather
         }
 

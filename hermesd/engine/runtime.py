@@ -2,8 +2,8 @@
 
 The model's own ``forward`` and ``generate`` run unmodified. Forward pre-hooks on each streamed
 stage's module wait for its load and bind the loaded tensors; forward hooks (also called when the
-forward raises) restore the meta parameters and hand the buffer back. Resident stages stay bound; the
-first run binds each where it first needs it, once its first read is done (engine.resident). Large embedding tables are
+forward raises) restore the meta parameters and hand the buffer back. Resident stages stay bound; their
+pre-hooks wait only for a first read still under way (engine.resident). Large embedding tables are
 gathered: a pre-hook reads only the rows of the batch's token ids and remaps the ids onto them.
 """
 
@@ -113,7 +113,7 @@ class StreamRuntime:
         self._handles = []
         self.checkpoint: Callable[[str], None] | None = None
         self.resident: set[str] = set()  # stages bound for good: their hooks let them be
-        self.pending: dict[str, Future] = {}  # resident stage -> its first read, until bound (settle_first_read)
+        self.pending: dict[str, Future] = {}  # resident stage -> its first read, until a run has waited for it
         for entry in manifest.stages:  # resident stages too, so that they can be shed under memory pressure
             self._hook_stage(entry)
         for entry in manifest.stages:
@@ -243,7 +243,7 @@ class StreamRuntime:
     def _stage_pre(self, name: str) -> None:
         if name in self.resident:
             if name in self.pending:
-                self.settle_first_read(name)
+                self._await_first_read(name)
             self._resident_started[name] = time.perf_counter()  # its compute counts like a streamed stage's
             return
         if name in self._held:  # still bound from an interrupted pass: give its region back first
@@ -257,13 +257,12 @@ class StreamRuntime:
         if self._stats is not None:
             self._stats.on_demand_loads += not loaded.prefetched
 
-    def settle_first_read(self, name: str) -> None:
-        """Wait for resident stage ``name``'s first read and bind its tensors; a run under way counts it
-        as a load. A failed read (a corrupt file) stays pending, so every run that needs it fails alike."""
+    def _await_first_read(self, name: str) -> None:
+        """A resident stage whose first read is still under way: wait for it; this run counts it as a load.
+        A failed read (a corrupt file) stays pending, so every run that needs the stage fails alike."""
         asked = time.perf_counter()
         first = self.pending[name].result()
         del self.pending[name]
-        self.bindings[name].bind(first.tensors)
         self._record_load(name, first, time.perf_counter() - asked)
 
     def _record_load(self, name: str, loaded: Any, waited: float) -> None:

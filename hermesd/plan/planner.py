@@ -10,9 +10,9 @@ SCHED_IDLE (the interference measured that way, reads slower by the measured fac
 sets ``Plan.loader_priority``. Both factors were measured with compute on every core of this machine
 and one loader, which is what plans run, so the core count is in them (and in the fingerprint).
 A one-shot workload (``hermesd run``) also pays load(): the skeleton build while the ring is faulted
-in (engine.opening), the longer of the two. Its first pass also reads the resident stages: one thread
-faults each one's memory in and reads it, in execution order from load() on, through the same disk,
-and compute waits for each where it is first needed (engine.resident). A daemon pays both once, so its workloads
+in (engine.opening), the longer of the two. Its first pass also reads the resident stages: load()
+maps them and one thread reads them in execution order from then on, through the same disk, each
+waited for where it is first needed (engine.resident). A daemon pays both once, so its workloads
 count neither.
 Peak memory is runtime + resident stages + the pool + activations + KV cache, all measured or exact,
 plus the profile's measured slack (what this model missed on a streamed pass).
@@ -189,7 +189,7 @@ def evaluate(profile: Profile, workload: Workload, depth: int, resident: list[st
 
 def open_seconds(profile: Profile, plan: Plan) -> float:
     """Predicted load() time: the skeleton build and the ring's fault-in, at once (resident stages are
-    read during the first pass)."""
+    only mapped: the first pass reads them)."""
     fault = plan.pool_bytes / (profile.fault_gbps * 1e9) if profile.fault_gbps and plan.streamed else 0.0
     return max(profile.skeleton_s, fault)
 
@@ -235,7 +235,7 @@ def simulate(profile: Profile, workload: Workload, resident: set[str], depth: in
         start = previous_end
         if stage.name in unread:
             unread.discard(stage.name)
-            disk_free, io = disk_free + _first_read_s(profile, stage), io + stage.load_cold_s
+            disk_free, io = disk_free + stage.load_cold_s, io + stage.load_cold_s
             start = max(previous_end, disk_free)
             waits[stage.name] = start - previous_end
         elif stage.name not in resident:
@@ -250,13 +250,6 @@ def simulate(profile: Profile, workload: Workload, resident: set[str], depth: in
         previous_end = start + compute
         compute_total += compute
     return previous_end, io, compute_total, waits
-
-
-def _first_read_s(profile: Profile, stage: StageCost) -> float:
-    """A resident stage's first read: fault its memory in on one thread (the profile's fault rate is over
-    all cores), then read it."""
-    per_thread = profile.fault_gbps * 1e9 / max(profile.cores, 1)
-    return stage.load_cold_s + (stage.bytes / per_thread if per_thread else 0.0)
 
 
 def _compute_s(profile: Profile, stage: StageCost, kind: str, workload: Workload) -> float:
