@@ -40,7 +40,8 @@ class Engine:
         self.plan = plan
         self.reader = reader
         self._runtime = runtime
-        self._resident = ResidentSet(reader, runtime, [])  # replaced by open()
+        # Empty until open() maps the plan's set: mapping can fail, and close() must work on the engine then.
+        self._resident = ResidentSet(reader, runtime, [])
         self._tokenizer = None
         self._image_processor = None
         self.max_input_tokens: int | None = None  # set by a server: tasks refuse longer inputs (the plan's size)
