@@ -17,6 +17,7 @@ a reclaimed page is read back from the store on its next use.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import time
@@ -58,7 +59,7 @@ class MappedRange:
         try:
             self.memory.madvise(MADV_POPULATE_READ)
         except OSError as exc:
-            if exc.errno not in (22, 95):  # EINVAL / EOPNOTSUPP: a kernel without it; touching reads it
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a kernel without it: touching reads it
                 raise
             self.memory.madvise(mmap.MADV_WILLNEED)
         self.touch()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hermesd import memory
+from hermesd.engine.mapped import FirstRead
 from hermesd.engine.prefetch import LoadedStage, Prefetcher
 from hermesd.engine.reader import StageReader
 from hermesd.engine.runstats import RunStats, StageStats
@@ -265,8 +266,8 @@ class StreamRuntime:
         del self.pending[name]
         self._record_load(name, first, time.perf_counter() - asked)
 
-    def _record_load(self, name: str, loaded: Any, waited: float) -> None:
-        """Count one load (a LoadedStage or a resident stage's FirstRead) and the wait for it."""
+    def _record_load(self, name: str, loaded: LoadedStage | FirstRead, waited: float) -> None:
+        """Count one load (a streamed stage's, or a resident stage's first read) and the wait for it."""
         if self._stats is None:
             return
         record = self._stage_record(name)
