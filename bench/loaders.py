@@ -7,6 +7,9 @@ Runs hermesd (the planner's one-shot plan for the cap), hermesd-k0, accelerate a
 machinery (bench.prepare, bench.suite), and reports per scenario, from medians:
 - hermesd load+run against max(io-only, compute-only) (target <= 1.05), io-only scaled by the passes
   hermesd's run reads (a capped decode reads the streamed stages once per token);
+- for generate workloads also against the phase bound: the same maximum taken per phase (the prompt
+  pass, then the decode passes), because a decode pass's reads cannot hide behind the prompt's compute
+  when the weights do not fit in memory;
 - hermesd against hermesd-k0 and accelerate, load+run (target: not slower than either);
 - hermesd's own compute time (the stages' compute in its run) against compute-only (target <= 1.05);
 - hermesd's load() time and its resident read speed; peak RSS and cgroup peak against the cap;
@@ -53,6 +56,22 @@ def io_bound(runs: list[dict[str, Any]]) -> float | None:
     return one_pass * max(1.0, hermesd_bytes / pass_bytes)
 
 
+def phase_bound(runs: list[dict[str, Any]]) -> float | None:
+    """For a generate workload: max(io, compute) of the prompt pass plus max(io, compute) of the decode
+    passes, from the same io-only and compute-only runs; None for a single forward.
+
+    The whole run's max(io, compute) assumes every read can overlap any compute. Under a cap the decode
+    passes must re-read the streamed stages, so only the prompt pass's reads (the whole model, io-only's
+    one pass) overlap the prompt's compute; the rest is read while the decode passes run."""
+    one_pass, prefill, decode = (_med(runs, "io-only", "latency_s"), _med(runs, "compute-only", "prefill_s"),
+                                 _med(runs, "compute-only", "decode_s"))
+    pass_bytes, hermesd_bytes = _med(runs, "io-only", "bytes_read"), _med(runs, "hermesd", "bytes_read")
+    if None in (one_pass, prefill, decode) or not pass_bytes or not hermesd_bytes:
+        return None
+    decode_reads = one_pass * max(0.0, hermesd_bytes - pass_bytes) / pass_bytes
+    return max(one_pass, prefill) + max(decode_reads, decode)
+
+
 def analyse(name: str, cap: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's ratios for one scenario, from the medians of its runs."""
     total = {n: _med(runs, n, "total_s") for n in CONTENDERS}
@@ -64,7 +83,7 @@ def analyse(name: str, cap: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     peaks = [r.get("cgroup_peak_bytes") or r.get("peak_rss_bytes", 0) for r in _ok(runs, "hermesd")]
     result = {
         "scenario": name, "cap_mib": cap / MIB, "load_run_s": total, "io_only_s": _med(runs, "io-only", "latency_s"),
-        "io_bound_s": io, "compute_only_s": compute,
+        "io_bound_s": io, "compute_only_s": compute, "phase_bound_s": phase_bound(runs),
         "hermesd_compute_s": own, "hermesd_wait_s": median(r["stats"]["wait_s"] for r in _ok(runs, "hermesd")),
         "hermesd_load_s": _med(runs, "hermesd", "load_s"),
         "plan": next((r["plan"] for r in _ok(runs, "hermesd")), None),
@@ -74,6 +93,8 @@ def analyse(name: str, cap: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
     result["checks"] = {
         "load+run <= 1.05 x max(io-only, compute-only)": _ratio(hermesd, bound, 1.05),
+        **({"load+run <= 1.05 x phase bound (prompt, then decode)": _ratio(hermesd, result["phase_bound_s"], 1.05)}
+           if result["phase_bound_s"] else {}),
         "plan <= hermesd-k0": _ratio(hermesd, total["hermesd-k0"], 1.0),
         "plan <= accelerate": _ratio(hermesd, total["accelerate"], 1.0),
         # the issue asks it of compute-bound scenarios; where the disk is clearly the bound (compute-only
@@ -95,14 +116,15 @@ def _ratio(value: float | None, reference: float | None, limit: float) -> dict[s
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """One table of medians, then PASS/MISS lines per scenario."""
-    lines = ["| scenario | hermesd load+run | k=0 | accelerate | io bound | compute-only | hermesd compute "
-             "| load() | peak / cap MiB | plan |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| scenario | hermesd load+run | k=0 | accelerate | io bound | compute-only | phase bound "
+             "| hermesd compute | load() | peak / cap MiB | plan |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         t, plan = r["load_run_s"], r["plan"] or {}
         plan_text = (f"k={plan.get('prefetch')}, {len(plan.get('resident', []))} resident, "
                      f"{plan.get('loader_priority', '?')} loader") if plan else "-"
         lines.append(f"| {r['scenario']} | {_s(t['hermesd'])} | {_s(t['hermesd-k0'])} | {_s(t['accelerate'])} "
-                     f"| {_s(r['io_bound_s'])} | {_s(r['compute_only_s'])} | {_s(r['hermesd_compute_s'])} "
+                     f"| {_s(r['io_bound_s'])} | {_s(r['compute_only_s'])} | {_s(r.get('phase_bound_s'))} "
+                     f"| {_s(r['hermesd_compute_s'])} "
                      f"| {_s(r['hermesd_load_s'])} | {_n(r['peak_mib'])} / {r['cap_mib']:,.0f} | {plan_text} |")
     for r in results:
         lines.append("")
