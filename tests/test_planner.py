@@ -169,6 +169,23 @@ def test_one_shot_runs_read_resident_stages_during_the_first_pass_not_in_load():
     assert once.waits["h0"] > 0 and daemon.waits == {}, "the first pass waits for stages not yet read"
 
 
+def test_one_shot_plans_charge_resident_first_reads_cpu_to_compute():
+    # On a VM whose balloon hands fresh pages back to the host, a resident stage's first read costs its
+    # thread CPU that compute loses (engine.resident); a compute-bound one-shot plan then keeps fewer
+    # stages resident than memory allows, while a daemon, which pays it once, still fills the budget.
+    plain = _profile(load_s=0.02, compute_s=0.8, head_mib=10)
+    costly = _measured(plain, first_read_cpu_s_per_gb=10.0)
+    budget = 100 * MIB + _model_bytes(plain) + 64 * MIB
+    once = Workload(one_shot=True)
+    latency, _, compute, _ = simulate(costly, once, {"h0", "h1"}, depth=1)
+    base_latency, _, base_compute, _ = simulate(plain, once, {"h0", "h1"}, depth=1)
+    assert compute - base_compute == pytest.approx(2 * 10 * MIB * 10.0 / 1e9)
+    assert latency > base_latency
+    assert len(choose_plan(plain, budget, once).plan.resident) == len(plain.stages)
+    assert len(choose_plan(costly, budget, once).plan.resident) < len(plain.stages)
+    assert choose_plan(costly, budget, Workload()).plan == choose_plan(plain, budget, Workload()).plan
+
+
 def test_measured_peak_slack_is_added_to_every_plan():
     profile = _profile(load_s=0.05, compute_s=0.05)
     slack = 40 * MIB

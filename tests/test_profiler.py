@@ -45,6 +45,7 @@ def test_profile_measures_every_stage(profiled):
     assert [m.split(":")[0] for m in messages][:6] == [f"pass {n}/6" for n in range(1, 7)]
     assert profile.interference_idle >= 1.0 and profile.idle_read_slowdown >= 1.0
     assert profile.fault_gbps > 0 and profile.skeleton_s > 0 and profile.peak_slack_bytes >= 0
+    assert profile.first_read_cpu_s_per_gb > 0, "a resident first read costs its thread some CPU"
 
 
 @pytest.mark.parametrize("depth,workload", [(1, "32:4"), (2, "32:0")])

@@ -12,8 +12,10 @@ and one loader, which is what plans run, so the core count is in them (and in th
 A one-shot workload (``hermesd run``) also pays load(): the skeleton build while the ring is faulted
 in (engine.opening), the longer of the two. Its first pass also reads the resident stages: load()
 maps them and one thread reads them in execution order from then on, through the same disk, each
-waited for where it is first needed (engine.resident). A daemon pays both once, so its workloads
-count neither.
+waited for where it is first needed (engine.resident). That thread's CPU (the profile's
+``first_read_cpu_s_per_gb``: fresh page-cache pages are costly on a VM) is taken from compute, so each
+resident stage's first pass computes that much longer. A daemon pays all of it once, so its workloads
+count none.
 Peak memory is runtime + resident stages + the pool + activations + KV cache, all measured or exact,
 plus the profile's measured slack (what this model missed on a streamed pass).
 """
@@ -230,11 +232,13 @@ def simulate(profile: Profile, workload: Workload, resident: set[str], depth: in
     starts: list[float] = []  # compute start of each streamed load, in order
     waits: dict[str, float] = {}
     unread = set(resident) if workload.one_shot else set()  # resident stages load() only mapped
+    first_read_cpu = profile.first_read_cpu_s_per_gb / 1e9
     for stage, kind in sequence:
         compute = _compute_s(profile, stage, kind, workload) * (slowdown if stage.name not in resident else 1.0)
         start = previous_end
         if stage.name in unread:
             unread.discard(stage.name)
+            compute += stage.bytes * first_read_cpu  # the reading thread's CPU, taken from compute's cores
             disk_free, io = disk_free + stage.load_cold_s, io + stage.load_cold_s
             start = max(previous_end, disk_free)
             waits[stage.name] = start - previous_end

@@ -66,6 +66,9 @@ class Profile:
     # every plan; a first import timed inside it (2.5 s for BertModel) hid the ring's fault-in, which is not.
     skeleton_s: float = 0.0
     fault_gbps: float = 0.0  # load(): faulting fresh memory in, GB/s over all cores (0: not measured)
+    # A one-shot run's first read of a resident stage: CPU seconds per GB its thread spends reading into
+    # fresh page-cache pages and touching them, taken from the cores compute runs on (0: not measured).
+    first_read_cpu_s_per_gb: float = 0.0
     version: int = PROFILE_VERSION
     notes: list[str] = field(default_factory=list)
 
