@@ -69,6 +69,7 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
         no_cache = {"use_cache": False} if causal else {}  # the KV cache is planned for separately
         passes = profile_passes(manifest)
         skeleton_s = engine.open_stats.skeleton_s
+        tokens = {"small": _token_count(engine, 8), "reference": _token_count(engine, reference_tokens)}
         say(f"pass 1/{passes}: warm-up")
         warm_stats, cache = _pass(engine, store_dir, _inputs(engine, 8), **({"use_cache": True} if causal else {}))
         small_peak = warm_stats.peak_rss_bytes - baseline
@@ -90,19 +91,18 @@ def profile_store(store_dir: str | os.PathLike[str], reference_tokens: int = 128
                                                      on_stage)
     say("buffered read speed, fault-in speed")
     buffered_cold, buffered_warm = _buffered_speeds(store_dir, manifest)
-    per_token = max(reference_peak - small_peak, 0) / (reference_tokens - 8)
+    fixed, per_token = _activations(small_peak, reference_peak, tokens["small"], tokens["reference"])
     by_name = {s.name: s for s in alone.stages}
     extra = compute_bytes(manifest)
     stages = [_stage_cost(entry, by_name.get(entry.name), decode, buffered_warm, spans[entry.name], extra[entry.name])
               for entry in manifest.stages]
-    read_bytes = sum(s.bytes_read for s in alone.stages)
     profile = Profile(
-        fingerprint=fingerprint(store_dir), reference_tokens=reference_tokens, runtime_bytes=runtime,
-        activation_fixed_bytes=int(max(small_peak - 8 * per_token, 0)), activation_bytes_per_token=per_token,
+        fingerprint=fingerprint(store_dir), reference_tokens=tokens["reference"], runtime_bytes=runtime,
+        activation_fixed_bytes=fixed, activation_bytes_per_token=per_token,
         kv_bytes_per_token=max(_kv_bytes_per_token(manifest), (idle.peak_rss_bytes - overlapped.peak_rss_bytes)
-                               // reference_tokens) if causal else 0,
+                               // tokens["reference"]) if causal else 0,
         interference=_slowdown(alone, overlapped),
-        read_direct_gbps=read_bytes / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
+        read_direct_gbps=sum(s.bytes_read for s in alone.stages) / max(alone.load_s, 1e-9) / 1e9 if direct else 0.0,
         read_buffered_gbps=buffered_cold, cores=len(os.sched_getaffinity(0)), causal=causal, stages=stages,
         profile_seconds=time.perf_counter() - started,
         interference_idle=_slowdown(alone, idle),
@@ -245,14 +245,37 @@ def _pass(engine: Engine, store_dir: Path, inputs: dict, **options) -> tuple[Run
 
 
 def _inputs(engine: Engine, tokens: int) -> dict[str, torch.Tensor]:
-    """Reference inputs: token ids for text models; for image models, ``tokens`` images."""
+    """Reference inputs: ``tokens`` token ids for text models; for image models one image per 64 tokens."""
     config = engine.model.config
     if engine.model.main_input_name == "pixel_values":
         size = config.image_size
-        return {"pixel_values": torch.randn(max(tokens // 64, 1), config.num_channels, size, size)}
+        return {"pixel_values": torch.randn(_images(tokens), config.num_channels, size, size)}
     vocab = getattr(config, "vocab_size", 1000)
     ids = torch.randint(1, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids}
+
+
+def _token_count(engine: Engine, tokens: int) -> int:
+    """Tokens ``_inputs(engine, tokens)`` puts through the model, in the unit of ``hermesd plan --workload``:
+    token ids, or for an image model its patches plus the class token per image. (Counted as the
+    requested ``tokens`` before, a ViT-large profile of 2 images said 128 tokens where they were 394,
+    and plans predicted its 4-image forward at 14.3 s where it ran in 4.4 s.)"""
+    config = engine.model.config
+    if engine.model.main_input_name != "pixel_values":
+        return tokens
+    patches = (config.image_size // getattr(config, "patch_size", 16)) ** 2
+    return _images(tokens) * (patches + 1)
+
+
+def _images(tokens: int) -> int:
+    """Images a pass of an image model takes where a text model would take ``tokens`` tokens."""
+    return max(tokens // 64, 1)
+
+
+def _activations(small_peak: int, reference_peak: int, small_tokens: int, reference_tokens: int) -> tuple[int, float]:
+    """(fixed bytes, bytes per token) of activations, from two passes' peaks over their token counts."""
+    per_token = max(reference_peak - small_peak, 0) / max(reference_tokens - small_tokens, 1)
+    return int(max(small_peak - small_tokens * per_token, 0)), per_token
 
 
 def _stage_cost(entry, stats, decode: dict[str, float], warm_gbps: float, span: int, extra: int) -> StageCost:

@@ -128,3 +128,16 @@ def test_a_profile_measured_beside_other_work_says_so(converted, tmp_path):
             spinner.kill()
             spinner.wait()
     assert any(note.startswith(BUSY_NOTE) for note in profile.notes), profile.notes
+
+
+def test_an_image_models_profile_counts_patch_tokens(converted, store_copy):
+    """The planner's unit for images is patches plus the class token per image (``hermesd plan
+    --workload``); the profile must count its reference pass in that unit, or a plan's compute is scaled
+    by the wrong ratio (ViT-large: 14.3 s predicted for a 4.4 s forward)."""
+    store = store_copy(converted("vit").store)
+    profile = profile_store(store, reference_tokens=128)  # two 32-pixel images of 8-pixel patches
+    per_image = (32 // 8) ** 2 + 1
+    assert profile.reference_tokens == 2 * per_image
+    two_images = choose_plan(profile, None, Workload(prompt_tokens=per_image, batch=2), depths=range(0, 1))
+    measured = sum(s.compute_prompt_s for s in profile.stages)
+    assert two_images.compute_s == pytest.approx(measured), "the reference pass predicts itself"

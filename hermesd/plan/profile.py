@@ -20,8 +20,9 @@ from hermesd.store.manifest import MANIFEST_NAME
 from hermesd.version import __version__
 
 PROFILE_NAME = "profile.json"
-PROFILE_VERSION = 5  # 2: activation peak includes decode; 3: decode compute from a second step; 4: compute_bytes
-# 5: idle-priority loader pass, peak slack, load() costs
+PROFILE_VERSION = 6  # 2: activation peak includes decode; 3: decode compute from a second step; 4: compute_bytes
+# 5: idle-priority loader pass, peak slack, load() costs; 6: image models' reference pass counted in patch
+# tokens (it said 128 for 394), resident first-read CPU
 
 
 @dataclass(frozen=True)
