@@ -209,7 +209,7 @@ def _first_read_cpu_s_per_gb(store_dir: Path, manifest: Manifest) -> float:
 
     Measured first, in a process as fresh as a one-shot run's: pages freed moments ago are cheap to
     reuse, and a later sample would find them. On a VM whose balloon reports free memory to the host,
-    fresh pages fault on the host at their first touch: 0.2-0.6 s/GB measured here, against 0.02 s/GB
+    fresh pages fault on the host at their first touch: 0.1-0.9 s/GB measured here, against 0.02 s/GB
     for a streamed stage's O_DIRECT read into the ring, which is reused."""
     reader = StageReader(store_dir, manifest)
     largest = sorted((s for s in manifest.stages if s.kind != "pinned"), key=lambda s: -s.bytes)
