@@ -34,11 +34,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.harness import evict
+from hermesd.engine.mapped import MADV_POPULATE_READ
+
 MODES = ("anon-4k", "anon-huge", "anon-huge-again", "hugetlb", "cache-read", "cache-touch", "cache-touch-again",
          "read-4k", "read-huge")
 MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
 REPORTING = Path("/sys/module/page_reporting/parameters")
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 READ_CHUNK = 64 << 20  # as the engine's reader
 
 
@@ -81,17 +83,9 @@ def _direct_read(path: Path, memory: mmap.mmap) -> float:
         os.close(fd)
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _cache(path: Path, size: int) -> tuple[float, float]:
     """(read, first touch) seconds of the file's first ``size`` bytes through a private mapping."""
-    _evict(path)
+    evict([path])
     with open(path, "rb") as handle:
         memory = mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
     try:
@@ -101,7 +95,7 @@ def _cache(path: Path, size: int) -> tuple[float, float]:
         return read, _touch(memory)
     finally:
         memory.close()
-        _evict(path)
+        evict([path])
 
 
 def _hugetlb_free_bytes() -> int:
